@@ -66,12 +66,19 @@ def detect(name: Optional[str] = None) -> Platform:
 
 
 def _autodetect() -> tuple[Platform, str]:
+    reasons = []
     for candidate in ("cuda", "rocm", "xpu"):
-        if candidate in _FACTORIES and get(candidate).is_available():
-            return get(candidate), f"{candidate} hardware found"
-    reasons = "; ".join(get(c).unavailable_reason() for c in ("cuda", "rocm", "xpu")
-                        if c in _FACTORIES)
-    return get("cpu"), f"no accelerator found ({reasons})"
+        if candidate not in _FACTORIES:
+            continue
+        try:
+            platform = get(candidate)
+            if platform.is_available():
+                return platform, f"{candidate} hardware found"
+            reasons.append(platform.unavailable_reason())
+        except Exception as error:  # a vendor stack that fails to load counts as absent
+            reasons.append(f"platform {candidate!r} failed to load "
+                           f"({type(error).__name__}: {error})")
+    return get("cpu"), f"no accelerator found ({'; '.join(reasons)})"
 
 
 # One line per vendor.

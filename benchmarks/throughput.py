@@ -1,0 +1,109 @@
+"""Offline throughput: pagedllm `LLM.generate` vs Hugging Face `generate`, same run.
+
+Both get the same random prompts (`--num-prompts` x `--input-len` token ids)
+and must emit exactly `--output-len` greedy tokens each (EOS ignored).
+pagedllm takes all prompts at once (continuous batching); HF runs static
+batches of `--hf-batch-size` with left padding. Prints output tokens/s of
+both and their ratio for each model: the default model, and a tiny
+random-weight Llama built on the fly (engine overhead dominates there).
+
+    python benchmarks/throughput.py --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from engine import LLM, SamplingParams
+from engine.model_loader import resolve_model
+
+
+def make_tiny_model(tokenizer_dir: str, out_dir: str) -> str:
+    """A 4-layer random Llama sharing the default model's tokenizer (and vocab)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def random_prompts(vocab_size: int, num_prompts: int, input_len: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    # Skip the low ids, where tokenizers keep their special tokens.
+    ids = torch.randint(100, vocab_size, (num_prompts, input_len), generator=generator)
+    return ids.tolist()
+
+
+def bench_pagedllm(model_dir: str, prompts, output_len: int, device: str) -> float:
+    llm = LLM(model=model_dir, device=device, dtype="float32")
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                           use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    return len(prompts) * output_len / elapsed
+
+
+@torch.inference_mode()
+def bench_hf(model_dir: str, prompts, output_len: int, batch_size: int, device: str) -> float:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
+
+    def run(batch: list[list[int]]) -> None:
+        padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt")
+        out = model.generate(**padded.to(device), max_new_tokens=output_len,
+                             min_new_tokens=output_len, do_sample=False,
+                             pad_token_id=pad_id)
+        assert out.shape[1] - padded["input_ids"].shape[1] == output_len
+
+    run(prompts[:2])
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        run(prompts[i:i + batch_size])
+    elapsed = time.perf_counter() - start
+    return len(prompts) * output_len / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="+", default=["default", "tiny"],
+                        help="'default', 'tiny', or model directories")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--hf-batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    default_dir = resolve_model(None)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model_dir = {"default": default_dir}.get(name, name)
+            if name == "tiny":
+                model_dir = make_tiny_model(default_dir, tmp)
+            vocab_size = len(AutoTokenizer.from_pretrained(model_dir))
+            prompts = random_prompts(vocab_size, args.num_prompts, args.input_len)
+            ours = bench_pagedllm(model_dir, prompts, args.output_len, args.device)
+            hf = bench_hf(model_dir, prompts, args.output_len, args.hf_batch_size,
+                          args.device)
+            print(f"{name}: {args.num_prompts} prompts x {args.input_len} in / "
+                  f"{args.output_len} out, threads={torch.get_num_threads()}: "
+                  f"pagedllm {ours:.1f} tok/s, HF generate (batch {args.hf_batch_size}) "
+                  f"{hf:.1f} tok/s, ratio {ours / hf:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Assemble an engine from an EngineConfig: platform, model, tokenizer, KV pool, scheduler.
+
+Order matters: the platform and attention backend decide the KV layout, the
+model's config decides dtype and max_model_len, the loaded model (and, on a
+GPU, a profiling forward) decides how many KV blocks fit, and the block
+count sizes the KV cache manager the scheduler allocates from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+import platforms
+from engine.config import EngineConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.model_loader import load_model, resolve_dtype, resolve_model
+from engine.model_runner import ModelRunner
+from engine.models import get_model_class
+from engine.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+#: config fields that hold a model's context length, by architecture family
+_CONTEXT_LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length",
+                          "seq_length")
+
+
+@dataclass
+class EngineParts:
+    platform: platforms.Platform
+    tokenizer: object
+    hf_config: PretrainedConfig
+    model_runner: ModelRunner
+    kv_cache_manager: KVCacheManager
+    scheduler: Scheduler
+    vocab_size: int
+    eos_token_id: Optional[int]
+
+
+def resolve_platform(device: str) -> platforms.Platform:
+    """`platforms.detect(device)`, refusing a platform whose hardware is missing."""
+    try:
+        platform = platforms.detect(device)
+    except ValueError as err:
+        raise ValueError(f"device={device!r}: {err}") from None
+    if not platform.is_available():
+        raise ValueError(f"device={device!r}: {platform.unavailable_reason()}")
+    return platform
+
+
+def platform_dtype(dtype: str, hf_config: PretrainedConfig, platform) -> torch.dtype:
+    """The model loader's dtype choice, refused when the platform cannot compute in it."""
+    resolved = resolve_dtype(dtype, hf_config, platform.torch_device())
+    if resolved not in platform.supported_dtypes:
+        raise ValueError(f"dtype={dtype!r} ({resolved}) is not supported by platform "
+                         f"{platform.name!r}: {[str(d) for d in platform.supported_dtypes]}")
+    return resolved
+
+
+def model_context_length(hf_config: PretrainedConfig) -> Optional[int]:
+    for name in _CONTEXT_LENGTH_FIELDS:
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _load_tokenizer(path: str):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"tokenizer: cannot load a tokenizer from {path!r}: {err}") from None
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    platform = resolve_platform(config.device)
+    try:
+        attn_backend = platform.attention_backend(config.attention_backend)
+    except ValueError as err:
+        raise ValueError(f"attention_backend: {err}") from None
+    model_dir = resolve_model(config.model)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    get_model_class(hf_config)  # unsupported architectures fail before any loading
+    config.resolve_model_limits(model_context_length(hf_config))
+    tokenizer = _load_tokenizer(config.tokenizer or model_dir)
+    torch.manual_seed(config.seed)
+    dtype = platform_dtype(config.dtype, hf_config, platform)
+    model, hf_config = load_model(model_dir, dtype, platform.torch_device(), attn_backend)
+    model.eval()
+    runner = ModelRunner(config, platform, attn_backend, model, hf_config.vocab_size)
+    num_blocks = runner.initialize_kv_cache()
+    kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
+                                      config.enable_prefix_caching)
+    scheduler = Scheduler(SchedulerConfig(
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=config.max_model_len), kv_cache_manager)
+    eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        eos_token_id = getattr(hf_config, "eos_token_id", None)
+    if isinstance(eos_token_id, list):
+        eos_token_id = eos_token_id[0] if eos_token_id else None
+    logger.info("engine ready: %s on %s (%s, backend %s, %d KV blocks)", model_dir,
+                platform.name, dtype, attn_backend.name, num_blocks)
+    return EngineParts(platform, tokenizer, hf_config, runner, kv_cache_manager, scheduler,
+                       hf_config.vocab_size, eos_token_id)

@@ -1,0 +1,9 @@
+// bf16 instantiations of the attention launchers (see attention_impl.cuh).
+#include "attention_impl.cuh"
+
+namespace pagedllm {
+
+template cudaError_t run_decode<__nv_bfloat16>(const AttentionParams&, bool, cudaStream_t);
+template cudaError_t run_prefill<__nv_bfloat16>(const AttentionParams&, int, cudaStream_t);
+
+}  // namespace pagedllm

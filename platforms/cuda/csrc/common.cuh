@@ -1,0 +1,215 @@
+// Device helpers shared by the PagedAttention kernels: dtype conversion,
+// cp.async / ldmatrix / mma.sync wrappers, sequence lookup and the split-K
+// epilogue. Scores are kept in log2 units (scale * log2(e) folded into q·k)
+// so the softmax uses exp2f.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "paged_attention.h"
+
+namespace pagedllm {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWarpSize = 32;
+
+template <typename T>
+struct Convert;
+
+template <>
+struct Convert<float> {
+  static __device__ __forceinline__ float to_float(float x) { return x; }
+  static __device__ __forceinline__ float from_float(float x) { return x; }
+};
+
+template <>
+struct Convert<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <>
+struct Convert<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
+    return __float2bfloat16_rn(x);
+  }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// ---- sm80+ data movement and tensor-core primitives ----------------------
+
+// Copies 16 bytes global -> shared asynchronously; writes zeros when !valid
+// (then nothing is read, so masked slots may hold NaN poison).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
+               "r"(src_size)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+  }
+#else
+  __trap();
+#endif
+}
+
+// d += a * b for one m16n8k16 tile, fp32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();
+#endif
+}
+
+// Lane offsets (row, column) for ldmatrix.x4 so that the four 8x8 matrices
+// land as an m16n8k16 A fragment (rows 0-7/8-15 x k 0-7/8-15) ...
+__device__ __forceinline__ int a_frag_row(int lane) { return (lane & 7) + ((lane >> 3) & 1) * 8; }
+__device__ __forceinline__ int a_frag_col(int lane) { return (lane >> 4) * 8; }
+// ... as B fragments of two n8 tiles from row-major [n][k] storage (K rows) ...
+__device__ __forceinline__ int b_frag_row(int lane) { return (lane & 7) + (lane >> 4) * 8; }
+__device__ __forceinline__ int b_frag_col(int lane) { return ((lane >> 3) & 1) * 8; }
+// ... and, with .trans, from row-major [k][n] storage (V rows): same as A.
+
+// ---- sequence bookkeeping --------------------------------------------------
+
+// The sequence holding query `token`: the last s with query_start_loc[s] <= token.
+__device__ __forceinline__ int find_seq(const int32_t* query_start_loc, int num_seqs, int token) {
+  int lo = 0, hi = num_seqs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (query_start_loc[mid] <= token) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+struct QueryToken {
+  int seq;
+  int context_len;  // keys this query attends to: positions [0, context_len)
+};
+
+__device__ __forceinline__ QueryToken locate_token(const AttentionParams& p, int token) {
+  const int seq = p.tokens_are_seqs ? token : find_seq(p.query_start_loc, p.num_seqs, token);
+  const int q_start = p.query_start_loc[seq];
+  const int q_len = p.query_start_loc[seq + 1] - q_start;
+  // The i-th of q_len new tokens sits at seq_len - q_len + i.
+  return {seq, p.seq_lens[seq] - q_len + (token - q_start) + 1};
+}
+
+// Element offset of (token position, kv head) in an NHD cache, or -1 when the
+// position is outside [0, limit) (its block-table entry must not be read).
+__device__ __forceinline__ int64_t cache_row_offset(const AttentionParams& p, int seq,
+                                                    int position, int limit, int kv_head) {
+  if (position >= limit) return -1;
+  const int block = p.block_tables[seq * p.block_table_stride + position / p.block_size];
+  const int64_t slot = static_cast<int64_t>(block) * p.block_size + position % p.block_size;
+  return (slot * p.num_kv_heads + kv_head) * p.head_size;
+}
+
+// Marks an empty partition (context shorter than its start) for combine_splits.
+__device__ __forceinline__ void write_empty_split(const AttentionParams& p, int token, int head0,
+                                                  int num_rows, int split) {
+  if (p.num_splits == 1) return;  // only reachable with seq_len < query length
+  for (int r = threadIdx.x; r < num_rows; r += blockDim.x) {
+    float* ml = p.partial_ml +
+                ((static_cast<int64_t>(token) * p.num_heads + head0 + r) * p.num_splits + split) * 2;
+    ml[0] = -INFINITY;
+    ml[1] = 0.f;
+  }
+}
+
+// Merges the per-warp online-softmax states of one partition and writes the
+// result: `out` when there is one split, else the partial buffers.
+//   o_smem  [kWarps][kRows][HEAD] unnormalised outputs
+//   ml_smem [kWarps][kRows][2]    (running max in log2 units, denominator)
+// Must be called by every thread after a __syncthreads.
+template <typename T, int HEAD, int kWarps, int kRows>
+__device__ void finish_partition(const AttentionParams& p, const float* o_smem,
+                                 const float* ml_smem, int token, int head0, int num_rows,
+                                 int split) {
+  for (int idx = threadIdx.x; idx < num_rows * HEAD; idx += blockDim.x) {
+    const int r = idx / HEAD, d = idx % HEAD;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, ml_smem[(w * kRows + r) * 2]);
+    float denom = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float weight = exp2f(ml_smem[(w * kRows + r) * 2] - m);
+      denom += weight * ml_smem[(w * kRows + r) * 2 + 1];
+      acc += weight * o_smem[(w * kRows + r) * HEAD + d];
+    }
+    const int64_t row = static_cast<int64_t>(token) * p.num_heads + head0 + r;
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[row * HEAD + d] = Convert<T>::from_float(acc / denom);
+    } else {
+      const int64_t part = row * p.num_splits + split;
+      p.partial_out[part * HEAD + d] = acc / denom;
+      if (d == 0) {
+        p.partial_ml[part * 2] = m;
+        p.partial_ml[part * 2 + 1] = denom;
+      }
+    }
+  }
+}
+
+}  // namespace pagedllm
