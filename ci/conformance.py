@@ -7,7 +7,7 @@ built, the cached context is written into NaN-filled caches, the backend's
 `forward` runs on the device (writing the new tokens' K/V itself), and
   - its output is compared with the CPU reference backend computing in
     float64 on float64 copies of the same inputs, and
-  - its caches are compared, bit for bit (NaN matching NaN), with caches
+  - its caches are compared, bit for bit (poison included), with caches
     that hold exactly the context and the new tokens.
 
 Error metric ("rel err"): for each (token, head) row, max |out - ref| over
@@ -164,11 +164,14 @@ def compare(out: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
 
 
 def _same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Equal everywhere, NaN counting as equal to NaN."""
+    """Bit-for-bit equal (so the NaN poison must be exactly where it was)."""
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
         return False
-    both_nan = actual.isnan() & expected.isnan()
-    return bool(((actual == expected) | both_nan).all())
+    as_int = _INT_OF_SIZE[actual.element_size()]
+    return torch.equal(actual.view(as_int), expected.view(as_int))
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

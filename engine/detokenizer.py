@@ -5,13 +5,14 @@ text depends on its neighbours: byte-level BPE tokens may hold part of a multi-b
 character, and SentencePiece decoders drop a leading space at the start of a decode call.
 The window runs from prefix_offset (context already emitted) to the end; read_offset marks
 where the emitted text ends. New text is released only once the window's decode no longer
-ends in U+FFFD (an incomplete character), so deltas never split a character.
+ends in U+FFFD (an incomplete character), so deltas never split a character. The window
+starts with the prompt's last few tokens (those after its last added token), so the first
+output token is decoded in context.
 """
 
 from engine.sampling_params import SamplingParams
 
 _REPLACEMENT_CHAR = "\ufffd"
-# Prompt tokens decoded ahead of the output, so the first output token has its context.
 _PROMPT_CONTEXT_TOKENS = 4
 
 
@@ -46,11 +47,7 @@ class IncrementalDetokenizer:
             self._skipped_ids = special | set(tokenizer.all_special_ids)
         self._token_ids: list[int] = []
         self._tokens: list[str] = []
-        self._append(prompt_token_ids)
-        del self._token_ids[:-_PROMPT_CONTEXT_TOKENS], self._tokens[:-_PROMPT_CONTEXT_TOKENS]
-        if self._decode(0, len(self._tokens)).endswith(_REPLACEMENT_CHAR):
-            # The prompt ends inside a character: output bytes completing it are not text.
-            self._token_ids, self._tokens = [], []
+        self._append(self._prompt_context(prompt_token_ids))
         self._prefix_offset = 0
         self._read_offset = len(self._tokens)
 
@@ -73,6 +70,20 @@ class IncrementalDetokenizer:
         delta = self.output_text[self._num_emitted_chars:]
         self._num_emitted_chars = len(self.output_text)
         return delta
+
+    def _prompt_context(self, prompt_token_ids: list[int]) -> list[int]:
+        """The prompt's last few tokens after its last added token, or none when the prompt
+        ends inside a character (output bytes completing it are not text on their own)."""
+        context = []
+        for token_id in reversed(prompt_token_ids):
+            if token_id in self._skipped_ids:
+                continue
+            if token_id in self._added_ids or len(context) == _PROMPT_CONTEXT_TOKENS:
+                break
+            context.append(token_id)
+        context.reverse()
+        text = self.tokenizer.convert_tokens_to_string(self.tokenizer.convert_ids_to_tokens(context))
+        return [] if text.endswith(_REPLACEMENT_CHAR) else context
 
     def _append(self, token_ids: list[int]) -> bool:
         kept = [t for t in token_ids if t not in self._skipped_ids]

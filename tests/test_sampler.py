@@ -108,7 +108,8 @@ def test_mixed_batch_matches_row_by_row_reference(seed):
             temperature=draw([0.0, 0.3, 1.0, 1.5]), top_k=draw([0, 1, 5, 40]), top_p=draw([1.0, 0.9, 0.5]),
             min_p=draw([0.0, 0.05, 0.3]), repetition_penalty=draw([1.0, 1.1, 0.8]),
             presence_penalty=draw([0.0, 0.5, -1.0]), frequency_penalty=draw([0.0, 0.3, -0.2]),
-            logit_bias=draw([None, {1: 3.0, 2: -4.0}]), min_tokens=draw([0, 3, 30]), max_tokens=64, stop_token_ids=[6],
+            logit_bias=draw([None, {1: 3.0, 2: -4.0}]), min_tokens=draw([0, 3, 30]), max_tokens=64,
+            stop_token_ids=[6],
         )
         for _ in range(12)
     ]
@@ -121,7 +122,8 @@ def test_greedy_rows_take_argmax_and_random_rows_stay_in_support():
               SamplingParams(temperature=0.0, logit_bias={11: 50.0}), SamplingParams(top_p=0.2, seed=5)] * 3
     prompts, outputs = _random_history(len(params), gen)
     logits = torch.randn(len(params), VOCAB_SIZE, generator=gen)
-    metadata = _build(params, prompts, outputs, [torch.Generator().manual_seed(5) if p.seed else None for p in params])
+    generators = [torch.Generator().manual_seed(5) if p.seed else None for p in params]
+    metadata = _build(params, prompts, outputs, generators)
     processed = Sampler().process_logits(logits, metadata)
     sampled = Sampler()(logits, metadata).sampled_token_ids
     for row, p in enumerate(params):

@@ -12,7 +12,8 @@ def test_defaults_are_vllm_defaults():
     assert (p.n, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (1, 1.0, 1.0, 0, 0.0, None)
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
     assert (p.stop, p.stop_token_ids, p.include_stop_str_in_output, p.ignore_eos) == ([], [], False, False)
-    assert (p.max_tokens, p.min_tokens, p.logprobs, p.prompt_logprobs, p.logit_bias) == (16, 0, None, None, None)
+    assert (p.max_tokens, p.min_tokens, p.logprobs) == (16, 0, None)
+    assert (p.prompt_logprobs, p.logit_bias) == (None, None)
     assert (p.skip_special_tokens, p.spaces_between_special_tokens, p.detokenize) == (True, True, True)
     assert p.sampling_type == SamplingType.RANDOM
 

@@ -234,9 +234,8 @@ def test_fork_shares_blocks_and_copies_only_the_partial_last_block():
     run_until_done(scheduler, runner, 10)
     assert parent.output_token_ids == expected_output(parent, 2048)
     for child in children:
-        # Outputs after the fork come from the child's own fake tokens.
-        expected = expected_output(child, 2048)
-        assert child.output_token_ids[1:] == expected[1:]
+        # The child inherits the parent's first token, then samples its own.
+        assert child.output_token_ids == expected_output(child, 2048, num_inherited=1)
     assert kv.num_free_blocks == 16
 
 
@@ -348,10 +347,12 @@ def test_waste_at_peak_under_a_random_workload_is_below_4_percent():
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192,
                                           max_model_len=1024), kv)
     runner = FakeRunner(kv, check_kv=False)
+    requests = []
     for i in range(256):
         prompt = [rng.randrange(1, VOCAB_SIZE) for _ in range(rng.randint(64, 512))]
-        scheduler.add_request(make_request(f"r{i}", prompt, max_tokens=rng.randint(1, 64),
-                                           ignore_eos=True))
+        requests.append(make_request(f"r{i}", prompt, max_tokens=rng.randint(1, 64),
+                                     ignore_eos=True))
+        scheduler.add_request(requests[-1])
     peak_usage, waste_at_peak = 0.0, 0.0
     while scheduler.has_unfinished_requests():
         output = scheduler.schedule()
@@ -359,4 +360,5 @@ def test_waste_at_peak_under_a_random_workload_is_below_4_percent():
             peak_usage, waste_at_peak = kv.usage, kv.kv_waste()
         scheduler.update_from_output(output, runner.execute(output))
     print(f"KV waste at peak usage {peak_usage:.1%}: {waste_at_peak:.2%}")
+    assert all(r.output_token_ids == expected_output(r, 1024) for r in requests)
     assert 0.0 < waste_at_peak < 0.04

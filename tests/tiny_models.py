@@ -81,7 +81,9 @@ def _qwen2(**common) -> PretrainedConfig:
     return Qwen2Config(
         **common, hidden_size=64, intermediate_size=128, num_hidden_layers=_LAYERS,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                         "original_max_position_embeddings": 64})
 
 
 def _qwen3(**common) -> PretrainedConfig:
@@ -111,7 +113,7 @@ TINY_MODELS: dict[str, tuple[Callable[..., PretrainedConfig], str]] = {
     "llama": (_llama, "GQA 4/2, head_dim 64 set explicitly, all biases, llama3 rope, untied"),
     "llama-mqa": (_llama_mqa, "MQA 4/1, head_dim 16, linear rope scaling, tied"),
     "mistral": (_mistral, "GQA 4/2, head_dim 128, untied"),
-    "qwen2": (_qwen2, "GQA 4/2, q/k/v biases, rope_theta 1e6, tied"),
+    "qwen2": (_qwen2, "GQA 4/2, q/k/v biases, yarn rope (scaled cos/sin), tied"),
     "qwen3": (_qwen3, "MQA 4/1, head_dim 128, q/k norm, untied"),
     "gpt2": (_gpt2, "MHA 2 heads, head_dim 64, scale by inverse layer index, tied"),
     "gpt_bigcode": (_gpt_bigcode, "MQA 4 heads, head_dim 16, untied"),

@@ -62,12 +62,12 @@ class CausalLM(nn.Module, abc.ABC):
         params = dict(self.named_parameters())
         loaded: set[tuple[str, Optional[str]]] = set()
         for name, tensor in weights:
-            for param_name, shard, piece in self.checkpoint_to_params(name, tensor):
+            for param_name, part, piece in self.checkpoint_to_params(name, tensor):
                 if param_name not in params:
                     raise ValueError(f"checkpoint tensor {name!r} matches no parameter "
                                      f"of {type(self).__name__} (looked for {param_name!r})")
-                self._copy_piece(param_name, params[param_name], shard, piece)
-                loaded.add((param_name, shard))
+                self._copy_piece(param_name, params[param_name], part, piece)
+                loaded.add((param_name, part))
         missing = sorted(f"{n}[{s}]" if s else n
                          for n, s in self._expected_pieces(params) - loaded)
         if missing:
@@ -76,10 +76,10 @@ class CausalLM(nn.Module, abc.ABC):
     def _owner(self, param_name: str) -> nn.Module:
         return self.get_submodule(param_name.rpartition(".")[0])
 
-    def _copy_piece(self, param_name: str, param: nn.Parameter, shard: Optional[str],
+    def _copy_piece(self, param_name: str, param: nn.Parameter, part: Optional[str],
                     piece: torch.Tensor) -> None:
-        if shard is not None:
-            self._owner(param_name).load_shard(param, shard, piece)
+        if part is not None:
+            self._owner(param_name).load_part(param, part, piece)
             return
         if param.shape != piece.shape:
             raise ValueError(f"checkpoint tensor for {param_name!r} has shape "
@@ -91,7 +91,7 @@ class CausalLM(nn.Module, abc.ABC):
         for name in params:
             owner = self._owner(name)
             if isinstance(owner, PackedLinear):
-                expected.update((name, shard) for shard in owner.shard_offsets)
+                expected.update((name, part) for part in owner.part_offsets)
             else:
                 expected.add((name, None))
         return expected

@@ -5,7 +5,7 @@ with T the number of new tokens (no padding, no batch dimension).
 
 Packed projections (`PackedLinear`) stack several logical projections along the
 output dimension so one GEMM computes them all. The layout is documented per
-instance by `shard_sizes` (in order), e.g. `qkv_proj.weight
+instance by `part_sizes` (in order), e.g. `qkv_proj.weight
 [(H + 2 * KVH) * D, hidden]` = rows `[q (H*D) | k (KVH*D) | v (KVH*D)]` and
 `gate_up_proj.weight [2 * I, hidden]` = rows `[gate (I) | up (I)]`. Megatron-style
 tensor parallelism shards each logical part by rows (column-parallel), keeping
@@ -46,24 +46,24 @@ class RMSNorm(nn.Module):
 class PackedLinear(nn.Linear):
     """A Linear whose output rows are several named projections stacked in order.
 
-    `shard_sizes` maps each part's name (as the checkpoint names it, e.g. "q",
-    "k", "v") to its number of output rows; `load_shard` copies one part of
+    `part_sizes` maps each part's name (as the checkpoint names it, e.g. "q",
+    "k", "v") to its number of output rows; `load_part` copies one part of
     the weight or bias from its own checkpoint tensor.
     """
 
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool):
-        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
-        self.shard_offsets: dict[str, tuple[int, int]] = {}
+    def __init__(self, in_features: int, part_sizes: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(part_sizes.values()), bias=bias)
+        self.part_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
-        for name, size in shard_sizes.items():
-            self.shard_offsets[name] = (offset, size)
+        for name, size in part_sizes.items():
+            self.part_offsets[name] = (offset, size)
             offset += size
 
-    def load_shard(self, param: nn.Parameter, shard: str, tensor: torch.Tensor) -> None:
-        offset, size = self.shard_offsets[shard]
+    def load_part(self, param: nn.Parameter, part: str, tensor: torch.Tensor) -> None:
+        offset, size = self.part_offsets[part]
         target = param.data.narrow(0, offset, size)
         if target.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor for shard {shard!r} has shape "
+            raise ValueError(f"checkpoint tensor for part {part!r} has shape "
                              f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
         target.copy_(tensor)
 

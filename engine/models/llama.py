@@ -1,7 +1,8 @@
 """The LLaMA family: LLaMA, Mistral, Qwen2 and Qwen3 share one implementation.
 
-Mistral computes exactly as LLaMA without biases, so it uses `LlamaForCausalLM`;
-its sliding window is exposed as `sliding_window` for the engine to respect.
+Mistral computes exactly as LLaMA without biases, so it uses `LlamaForCausalLM`.
+Attention always covers the whole context: a checkpoint with a sliding window
+(`config.sliding_window`, e.g. Mistral-7B-v0.1) is exact up to that many tokens.
 
 Pre-norm decoder with RMSNorm, rotary embeddings, grouped-query attention and a
 SiLU-gated MLP. The members differ only in flags (`LlamaFlags`): biases on the
@@ -135,9 +136,6 @@ class LlamaForCausalLM(CausalLM):
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
         self.head_size = head_size_of(config)
-        # The backends attend to the whole context, so the engine must cap
-        # max_model_len at this window (None: the model has no window).
-        self.sliding_window: Optional[int] = getattr(config, "sliding_window", None)
 
     @staticmethod
     def flags(config: Any) -> LlamaFlags:

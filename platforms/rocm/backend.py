@@ -66,6 +66,18 @@ class TritonAttentionBackend(AttentionBackend):
         _check_inputs(query, key, value, key_cache, value_cache, slot_mapping, block_tables,
                       seq_lens, query_start_loc, self.supported_dtypes)
         self.write_kv(key, value, key_cache, value_cache, slot_mapping)
+        return self.attend(query, key_cache, value_cache, block_tables, seq_lens,
+                           query_start_loc, scale, max_seq_len, max_query_len)
+
+    def attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+               block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               query_start_loc: torch.Tensor, scale: float,
+               max_seq_len: Optional[int] = None,
+               max_query_len: Optional[int] = None) -> torch.Tensor:
+        """`forward` without the K/V write: the new tokens must already be cached.
+
+        Picks the launch shape for this target and, for decode, the KV splits.
+        """
         if query.shape[0] == 0 or seq_lens.shape[0] == 0:
             return torch.empty_like(query)
         if max_query_len is None:
@@ -74,7 +86,8 @@ class TritonAttentionBackend(AttentionBackend):
             max_seq_len = int(seq_lens.max())
         num_kv_heads, head_size = key_cache.shape[2], key_cache.shape[3]
         config = tuning.attention_config(tuning.target_backend(), head_size,
-                                         query.shape[1] // num_kv_heads, max_query_len)
+                                         query.shape[1] // num_kv_heads, max_query_len,
+                                         key_cache.element_size())
         num_splits = tuning.num_kv_splits(seq_lens.shape[0], num_kv_heads, max_seq_len,
                                           max_query_len, tuning.compute_units(query.device))
         return paged_attention(query, key_cache, value_cache, block_tables, seq_lens,

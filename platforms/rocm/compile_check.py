@@ -32,6 +32,9 @@ TARGETS = {
 }
 #: the binary each backend emits
 BINARY = {"hip": "hsaco", "cuda": "cubin"}
+#: shared memory (LDS) one program may use, by target arch: 64 KiB per workgroup
+#: on CDNA2/CDNA3, 227 KiB per block on Hopper
+SHARED_MEMORY_LIMIT = {"gfx942": 64 * 1024, "gfx90a": 64 * 1024, 90: 227 * 1024}
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -60,6 +63,8 @@ ATTENTION_VARIANTS = (
     AttentionVariant(torch.float16, 64, 1, 16, 64),
     AttentionVariant(torch.bfloat16, 128, 4, 32, 64),
     AttentionVariant(torch.float32, 80, 8, 8, 64),
+    AttentionVariant(torch.float32, 256, 1, 16, 64),
+    AttentionVariant(torch.float32, 128, 8, 16, 1, num_splits=4),
 )
 
 
@@ -79,13 +84,17 @@ def _compile(kernel, constexprs: dict, pointer_types: dict[str, str], target: GP
     source = ASTSource(kernel, _signature(kernel, constexprs, pointer_types), constexprs)
     compiled = triton.compile(source, target=target,
                               options={"enable_fp_fusion": True, **options})
+    limit = SHARED_MEMORY_LIMIT[target.arch]
+    if compiled.metadata.shared > limit:
+        raise RuntimeError(f"{kernel.__name__} needs {compiled.metadata.shared} bytes of shared "
+                           f"memory on {target.arch}, more than its {limit}")
     return compiled.asm[BINARY[target.backend]]
 
 
 def compile_attention(variant: AttentionVariant, target: GPUTarget) -> bytes:
     """The binary of the attention kernel for `variant` on `target`."""
     config = tuning.attention_config(target.backend, variant.head_size, variant.group,
-                                     variant.max_query_len)
+                                     variant.max_query_len, variant.dtype.itemsize)
     constexprs = attention_constexprs(variant.dtype, variant.head_size, variant.group,
                                       variant.block_size, config, variant.num_splits > 1)
     dtype = _TYPE_NAMES[variant.dtype]

@@ -20,6 +20,8 @@ MIN_DOT_ROWS = 16
 MIN_KEYS_PER_SPLIT = 256
 #: upper bound on KV splits (the reduction kernel holds them all in registers)
 MAX_KV_SPLITS = 16
+#: bytes of one K (or V) tile: 64 keys of 128 bf16 dims
+KV_TILE_BYTES = 16 * 1024
 #: compute units assumed when the tensors are not on a GPU (interpreter runs)
 CPU_COMPUTE_UNITS = 1
 
@@ -45,20 +47,22 @@ def target_backend() -> str:
     return "hip" if torch.version.hip is not None else "cuda"
 
 
-def attention_config(backend: str, head_size: int, group: int,
-                     max_query_len: int) -> KernelConfig:
-    """The launch shape for `backend` ("hip" or "cuda").
+def attention_config(backend: str, head_size: int, group: int, max_query_len: int,
+                     itemsize: int) -> KernelConfig:
+    """The launch shape for `backend` ("hip" or "cuda") and K/V of `itemsize` bytes.
 
     Decode (one query token per sequence) is bandwidth-bound: a small row
     block and long key tiles keep many loads in flight. Prefill is compute-
-    bound: larger row blocks reuse each K/V tile across more queries.
+    bound: larger row blocks reuse each K/V tile across more queries. A K
+    tile stays within KV_TILE_BYTES so a pipeline stage of K and V fits the
+    64 KiB of LDS an AMD workgroup may use.
     """
-    head_pad = triton.next_power_of_2(head_size)
+    head_pad = max(MIN_DOT_ROWS, triton.next_power_of_2(head_size))
     decode = max_query_len <= 1
     max_rows = MIN_DOT_ROWS if decode else 64
     block_q = max(1, min(max_rows // group, triton.next_power_of_2(max_query_len)))
     block_m = max(MIN_DOT_ROWS, triton.next_power_of_2(block_q * group))
-    tile_n = 64 if head_pad <= 128 else 32
+    tile_n = max(MIN_DOT_ROWS, min(64, KV_TILE_BYTES // (head_pad * itemsize)))
     if backend == "hip":
         # 4 wavefronts of 64 lanes. Each pipeline stage buffers a K and a V
         # tile in LDS (64 KiB per CU), so fewer stages keep more programs resident.

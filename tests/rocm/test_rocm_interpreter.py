@@ -64,7 +64,8 @@ def test_split_kv_decode_matches_float64_oracle(dtype, num_splits):
     key_cache, value_cache = poisoned_caches(batch, shape, dtype, DEVICE, write_kv_nhd,
                                              with_new_tokens=True)
     config = tuning.attention_config(tuning.target_backend(), case.head_size,
-                                     case.num_heads // case.num_kv_heads, max_query_len=1)
+                                     case.num_heads // case.num_kv_heads, max_query_len=1,
+                                     itemsize=dtype.itemsize)
     out = paged_attention(batch.query.to(DEVICE), key_cache, value_cache,
                           batch.block_tables.to(DEVICE), batch.seq_lens.to(DEVICE),
                           batch.query_start_loc.to(DEVICE), batch.scale, config, num_splits)

@@ -5,26 +5,28 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import triton
 
 from platforms.rocm import tuning
 from platforms.rocm.triton_attention import num_query_tiles
 
 
-@pytest.mark.parametrize("backend,head_size,group,max_query_len", itertools.product(
-    ["hip", "cuda"], [64, 80, 128, 256], [1, 4, 6, 16, 64], [1, 3, 17, 2048]))
+@pytest.mark.parametrize("backend,head_size,group,max_query_len,itemsize", list(itertools.product(
+    ["hip", "cuda"], [64, 80, 256], [1, 6, 64], [1, 3, 2048], [2, 4])))
 def test_a_program_holds_whole_kv_groups_in_a_dot_sized_row_block(backend, head_size, group,
-                                                                  max_query_len):
-    config = tuning.attention_config(backend, head_size, group, max_query_len)
+                                                                  max_query_len, itemsize):
+    config = tuning.attention_config(backend, head_size, group, max_query_len, itemsize)
     assert config.block_m >= tuning.MIN_DOT_ROWS
     assert config.block_m & (config.block_m - 1) == 0, "power of two"
     assert 1 <= config.block_q * group <= config.block_m
-    assert config.block_q <= max(1, max_query_len) or config.block_q == 1
+    assert config.block_q <= triton.next_power_of_2(max_query_len), "no tokens past the longest query"
     assert config.tile_n >= tuning.MIN_DOT_ROWS
+    assert config.tile_n * triton.next_power_of_2(head_size) * itemsize <= tuning.KV_TILE_BYTES
 
 
 def test_decode_uses_one_token_per_program():
     for backend in ("hip", "cuda"):
-        assert tuning.attention_config(backend, 128, 4, 1).block_q == 1
+        assert tuning.attention_config(backend, 128, 4, 1, itemsize=2).block_q == 1
 
 
 @pytest.mark.parametrize("query_lens,block_q", [

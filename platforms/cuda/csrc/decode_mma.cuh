@@ -28,7 +28,7 @@ struct DecodeMmaShape {
   static constexpr int kStageElems = 2 * kTile * kRow;  // K and V of one tile
   static constexpr int kRingElems = kWarps * 2 * kStageElems;
   static constexpr size_t kSmemBytes = (16 * kRow + kRingElems) * 2;
-  static_assert(HEAD % 16 == 0, "head size must be a multiple of 16");
+  static_assert(HEAD % 16 == 0, "head size must be a multiple of 16 (even chunk count)");
   static_assert(kWarps * 16 * (HEAD + 2) * 4 <= kRingElems * 2, "epilogue must fit the ring");
 };
 
@@ -45,7 +45,8 @@ __device__ __forceinline__ void load_tile_async(const AttentionParams& p, T* sta
   T* k_dst = stage + (lane >> 1) * S::kRow;
   T* v_dst = k_dst + S::kTile * S::kRow;
 #pragma unroll
-  for (int c = lane & 1; c < S::kChunks; c += 2) {
+  for (int i = 0; i < S::kChunks / 2; ++i) {
+    const int c = 2 * i + (lane & 1);
     cp_async_16(k_dst + c * 8, k_cache + base + c * 8, valid);
     cp_async_16(v_dst + c * 8, v_cache + base + c * 8, valid);
   }

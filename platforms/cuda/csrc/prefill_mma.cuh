@@ -34,7 +34,10 @@ __device__ __forceinline__ void load_rows_async(T* dst, const T* src, bool valid
   using S = PrefillShape<HEAD>;
   T* row = dst + (threadIdx.x >> 1) * S::kRow;
 #pragma unroll
-  for (int c = threadIdx.x & 1; c < S::kChunks; c += 2) cp_async_16(row + c * 8, src + c * 8, valid);
+  for (int i = 0; i < S::kChunks / 2; ++i) {
+    const int c = 2 * i + (threadIdx.x & 1);
+    cp_async_16(row + c * 8, src + c * 8, valid);
+  }
 }
 
 template <typename T, int HEAD>

@@ -1,0 +1,177 @@
+"""POST /v1/completions: text or token-id prompts, one or many, n samples each.
+
+Choice `i` is sample `i % n` of prompt `i // n`. All samples of all prompts go
+to the engine together, so the scheduler batches them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from engine.async_engine import RequestStream, fan_out
+from engine.entrypoints.openai.errors import bad_request, error_event
+from engine.entrypoints.openai.protocol import CompletionChoice, CompletionLogprobs, \
+    CompletionRequest, CompletionResponse
+from engine.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, collect_final, \
+    run_until_disconnected, sse_event, sse_response, usage
+from engine.entrypoints.stream_delta import DeltaTracker
+from engine.outputs import RequestOutput, SampleLogprobs
+from engine.sampling_params import SamplingParams
+
+_FIELDS = set(CompletionRequest.model_fields)
+
+
+@dataclass
+class _Prompt:
+    token_ids: list[int]
+    text: Optional[str] = None  # decoded only when echoed
+
+
+@dataclass
+class _Batch:
+    """One API request: its prompts, with n choices each."""
+    request: CompletionRequest
+    model_name: str
+    prompts: list[_Prompt]
+    params: SamplingParams
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def prompt(self, index: int) -> _Prompt:
+        return self.prompts[index // self.params.n]
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create_completion(self, request: CompletionRequest,
+                                raw_request: Request) -> Response:
+        model_name = self.check_model(request.model)
+        prompts = self._prompts(request)
+        echo_logprobs = request.logprobs if request.echo else None
+        params = self.sampling_params(request, request.max_tokens, request.logprobs,
+                                      prompt_logprobs=echo_logprobs)
+        batch = _Batch(request, model_name, prompts, params)
+        requests = [engine_request for p, prompt in enumerate(prompts)
+                    for engine_request in fan_out(f"{batch.id}-{p}", {
+                        "prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, params)]
+        stream = await self.add_requests(requests, _FIELDS)
+        if request.stream:
+            return sse_response(self._events(batch, stream))
+        finals = await run_until_disconnected(raw_request,
+                                              collect_final(stream, batch.num_choices))
+        return JSONResponse(self._response(batch, finals).model_dump())
+
+    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+        prompt = request.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        prompts = []
+        for item in prompt:
+            if isinstance(item, str):
+                prompts.append(_Prompt(self.tokenizer.encode(item), item))
+                continue
+            if not all(0 <= token_id < self.vocab_size for token_id in item):
+                raise bad_request(f"prompt: token ids must be in [0, {self.vocab_size})",
+                                  "prompt")
+            text = self.tokenizer.decode(item) if request.echo else None
+            prompts.append(_Prompt(list(item), text))
+        for item in prompts:
+            self.check_prompt_length(len(item.token_ids), "prompt")
+        return prompts
+
+    def _response(self, batch: _Batch, finals: list[RequestOutput]) -> CompletionResponse:
+        choices = []
+        for index, final in enumerate(finals):
+            completion = final.outputs[0]
+            choice = CompletionChoice(index=index, text=completion.text,
+                                      finish_reason=completion.finish_reason,
+                                      stop_reason=completion.stop_reason)
+            if batch.request.logprobs is not None:
+                choice.logprobs = CompletionLogprobs()
+            self._add_prompt_echo(batch, index, choice, final)
+            if choice.logprobs is not None:
+                self._append_logprobs(choice.logprobs, completion.token_ids,
+                                      completion.logprobs, len(choice.text)
+                                      - len(completion.text))
+            choices.append(choice)
+        prompt_lengths = [len(prompt.token_ids) for prompt in batch.prompts]
+        return CompletionResponse(id=batch.id, created=batch.created, model=batch.model_name,
+                                  choices=choices, usage=usage(prompt_lengths, finals))
+
+    def _add_prompt_echo(self, batch: _Batch, index: int, choice: CompletionChoice,
+                         output: RequestOutput) -> None:
+        """With echo, the choice's text (and logprobs) start with the prompt's."""
+        if not batch.request.echo:
+            return
+        prompt = batch.prompt(index)
+        choice.text = prompt.text + choice.text
+        if choice.logprobs is not None:
+            prompt_logprobs = output.prompt_logprobs or [None] * len(prompt.token_ids)
+            self._append_logprobs(choice.logprobs, prompt.token_ids, prompt_logprobs, 0)
+
+    def _append_logprobs(self, target: CompletionLogprobs, token_ids: list[int],
+                         logprobs: Optional[SampleLogprobs], text_offset: int) -> None:
+        if target.text_offset:
+            text_offset = target.text_offset[-1] + len(target.tokens[-1])
+        for position, token_id in enumerate(token_ids):
+            token = self.token_text(token_id)
+            entry = logprobs[position] if logprobs else None
+            target.tokens.append(token)
+            target.text_offset.append(text_offset)
+            text_offset += len(token)
+            target.token_logprobs.append(entry[token_id].logprob if entry else None)
+            target.top_logprobs.append(
+                {self.token_text(tid): lp.logprob for tid, lp in entry.items()}
+                if entry else None)
+
+    async def _events(self, batch: _Batch, stream: RequestStream) -> AsyncIterator[str]:
+        trackers = [DeltaTracker(batch.params.stop, batch.params.include_stop_str_in_output)
+                    for _ in range(batch.num_choices)]
+        finals: list[Optional[RequestOutput]] = [None] * batch.num_choices
+        try:
+            async with stream:
+                async for index, output in stream:
+                    first = finals[index] is None
+                    finals[index] = output
+                    choice = self._stream_choice(batch, index, output, trackers[index], first)
+                    if choice is not None:
+                        yield sse_event(CompletionResponse(
+                            id=batch.id, created=batch.created, model=batch.model_name,
+                            choices=[choice]))
+            if batch.request.include_usage:
+                prompt_lengths = [len(prompt.token_ids) for prompt in batch.prompts]
+                yield sse_event(CompletionResponse(
+                    id=batch.id, created=batch.created, model=batch.model_name, choices=[],
+                    usage=usage(prompt_lengths, finals)))
+        except Exception as err:  # the request failed in the engine after the stream began
+            yield error_event(err)
+        yield SSE_DONE
+
+    def _stream_choice(self, batch: _Batch, index: int, output: RequestOutput,
+                       tracker: DeltaTracker, first: bool) -> Optional[CompletionChoice]:
+        completion = output.outputs[0]
+        delta = tracker.update(completion, output.finished)
+        choice = CompletionChoice(index=index, text=delta.text)
+        if batch.request.logprobs is not None:
+            choice.logprobs = CompletionLogprobs()
+        if first:
+            self._add_prompt_echo(batch, index, choice, output)
+        if choice.logprobs is not None:
+            self._append_logprobs(choice.logprobs, delta.token_ids, delta.logprobs,
+                                  len(choice.text) - len(delta.text))
+        if output.finished:
+            choice.finish_reason = completion.finish_reason
+            choice.stop_reason = completion.stop_reason
+        elif not choice.text and not (choice.logprobs and choice.logprobs.tokens):
+            return None
+        return choice

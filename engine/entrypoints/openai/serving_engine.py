@@ -1,0 +1,131 @@
+"""What the completion and chat endpoints share: model check, prompt checks, request
+submission, client-disconnect handling and server-sent events.
+
+The server tokenizes on the event loop with its own copy of the tokenizer: a
+Rust tokenizer used from two threads at once (the engine thread detokenizes)
+can fail with "Already borrowed".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Optional, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+
+from engine.async_engine import AsyncLLMEngine, EngineRequest, EngineShutdownError, \
+    RequestStream
+from engine.entrypoints.openai.errors import OpenAIError, bad_request, invalid_value
+from engine.entrypoints.openai.protocol import SamplingRequest, UsageInfo
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str]):
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.max_model_len = engine.config.max_model_len
+        self.vocab_size = engine.engine.vocab_size
+        self.token_text = functools.lru_cache(maxsize=65536)(self._decode_token)
+
+    def check_model(self, model: Optional[str]) -> str:
+        """The name to answer with; 404 for a model this server does not serve."""
+        if model is None:
+            return self.served_model_names[0]
+        if model not in self.served_model_names:
+            raise OpenAIError(404, f"The model `{model}` does not exist.", "model",
+                              "model_not_found")
+        return model
+
+    def check_prompt_length(self, num_tokens: int, param: str) -> None:
+        if num_tokens > self.max_model_len:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} "
+                              f"tokens, but the {param} has {num_tokens} tokens "
+                              f"(max_model_len={self.max_model_len}, {param} length "
+                              f"{num_tokens}).", param)
+
+    def sampling_params(self, request: SamplingRequest, max_tokens: Optional[int],
+                        logprobs: Optional[int],
+                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        try:
+            params = request.to_sampling_params(max_tokens, logprobs, prompt_logprobs)
+        except ValueError as err:
+            raise invalid_value(err, set(type(request).model_fields)) from None
+        # Out-of-vocabulary ids would fail the sampler mid-step, for the whole batch.
+        for token_id in (params.logit_bias or {}):
+            if token_id >= self.vocab_size:
+                raise bad_request(f"logit_bias token id {token_id} is not below the vocab "
+                                  f"size {self.vocab_size}", "logit_bias")
+        for token_id in params.stop_token_ids:
+            if token_id >= self.vocab_size:
+                raise bad_request(f"stop_token_ids: {token_id} is not below the vocab "
+                                  f"size {self.vocab_size}", "stop_token_ids")
+        return params
+
+    async def add_requests(self, requests: Sequence[EngineRequest],
+                           fields: set[str]) -> RequestStream:
+        try:
+            return await self.engine.add_requests(requests)
+        except ValueError as err:
+            raise invalid_value(err, fields) from None
+        except EngineShutdownError as err:
+            raise OpenAIError(503, str(err)) from None
+
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+def usage(prompt_lengths: Sequence[int], finals: Sequence[RequestOutput]) -> UsageInfo:
+    """Prompts count once each, whatever n; completion tokens sum over all choices."""
+    prompt_tokens = sum(prompt_lengths)
+    completion_tokens = sum(len(o.outputs[0].token_ids) for o in finals if o is not None)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+async def collect_final(stream: RequestStream, count: int) -> list[RequestOutput]:
+    """The last output of each of the `count` requests of `stream`, by index."""
+    finals: list[Optional[RequestOutput]] = [None] * count
+    async with stream:
+        async for index, output in stream:
+            finals[index] = output
+    return finals
+
+
+async def _client_gone(raw_request: Request) -> None:
+    while (await raw_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_until_disconnected(raw_request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (so its requests are aborted) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_gone(raw_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise OpenAIError(499, "the client closed the connection")
+    return task.result()
+
+
+def sse_event(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
