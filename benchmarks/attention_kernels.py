@@ -12,13 +12,15 @@ SDPA). Prefill: 8 prompts of 2048 tokens, causal, TFLOP/s of the paged
 backends and of SDPA on contiguous tensors. A device-to-device copy gives
 the bandwidth ceiling. Every time is the median of `--reps` runs timed with
 CUDA events, each after overwriting a 256 MiB buffer so no run starts with
-its data in L2.
+its data in L2 and with the GPU held back until `fn` is enqueued (kernel
+time, not Python time; the host cost of one `forward` call is printed apart).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -57,6 +59,9 @@ class Timer:
         times = []
         for _ in range(self.reps):
             self.flush.fill_(1)
+            # The GPU spins while the host enqueues fn, so host-side overhead
+            # (Python, launches) stays out of the kernel time.
+            torch.cuda._sleep(1_000_000)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -109,28 +114,35 @@ def gathered(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     return cache[block_tables].view(batch, -1, NUM_KV_HEADS, cache.shape[-1]).transpose(1, 2)
 
 
+def sdpa_decode(timer: Timer, query, key_cache, value_cache, block_tables, scale):
+    """(ms on a contiguous cache, ms of gather-then-SDPA, output [B, heads, D])."""
+    batch, head_size = block_tables.shape[0], query.shape[-1]
+    q4 = query.view(batch, NUM_HEADS, 1, head_size)
+    k_contig = gathered(key_cache, block_tables).contiguous()
+    v_contig = gathered(value_cache, block_tables).contiguous()
+    out = F.scaled_dot_product_attention(q4, k_contig, v_contig, scale=scale, enable_gqa=True)
+    contiguous_ms = timer.ms(lambda: F.scaled_dot_product_attention(
+        q4, k_contig, v_contig, scale=scale, enable_gqa=True))
+    k_contig = v_contig = None  # free before the gather copies
+    gather_ms = timer.ms(lambda: F.scaled_dot_product_attention(
+        q4, gathered(key_cache, block_tables), gathered(value_cache, block_tables), scale=scale,
+        enable_gqa=True))
+    return contiguous_ms, gather_ms, out.view(batch, NUM_HEADS, head_size)
+
+
 def decode_row(timer: Timer, backends: dict, batch: int, seq_len: int, head_size: int) -> dict:
     inputs = paged_inputs(batch, seq_len, 1, head_size)
     query, _, _, key_cache, value_cache, _, block_tables, _, _ = inputs
     scale = head_size ** -0.5
-    row = {}
-    outputs = {}
+    row, outputs = {}, {}
     for name, backend in backends.items():
         def step(backend=backend, name=name):
             outputs[name] = backend.forward(*inputs, scale, max_seq_len=seq_len, max_query_len=1)
         row[name] = timer.ms_or_nan(name, step)
-    q4 = query.view(batch, NUM_HEADS, 1, head_size)
-    k_contig = gathered(key_cache, block_tables).contiguous()
-    v_contig = gathered(value_cache, block_tables).contiguous()
-    sdpa_out = F.scaled_dot_product_attention(q4, k_contig, v_contig, scale=scale, enable_gqa=True)
-    row["sdpa"] = timer.ms(lambda: F.scaled_dot_product_attention(
-        q4, k_contig, v_contig, scale=scale, enable_gqa=True))
-    del k_contig, v_contig
-    row["gather+sdpa"] = timer.ms(lambda: F.scaled_dot_product_attention(
-        q4, gathered(key_cache, block_tables), gathered(value_cache, block_tables), scale=scale,
-        enable_gqa=True))
-    reference = sdpa_out.view(batch, NUM_HEADS, head_size).float()
-    row["max_err"] = max([(out.float() - reference).abs().max().item()
+    # After the paged forwards, so the caches hold the new tokens too.
+    row["sdpa"], row["gather+sdpa"], reference = sdpa_decode(
+        timer, query, key_cache, value_cache, block_tables, scale)
+    row["max_err"] = max([(out.float() - reference.float()).abs().max().item()
                           for out in outputs.values()] or [float("nan")])
     return row
 
@@ -158,6 +170,26 @@ def copy_bandwidth(timer: Timer) -> float:
     return 2 * src.numel() / (ms * 1e-3) / 1e12
 
 
+def host_overhead_us(backends: dict) -> dict[str, float]:
+    """Host time of one decode `forward` call, on a batch too small to keep the GPU busy."""
+    inputs = paged_inputs(1, 64, 1, 128)
+    result = {}
+    for name, backend in backends.items():
+        def step(backend=backend):
+            backend.forward(*inputs, 128 ** -0.5, max_seq_len=64, max_query_len=1)
+        try:
+            step()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(200):
+                step()
+            torch.cuda.synchronize()
+            result[name] = (time.perf_counter() - started) / 200 * 1e6
+        except Exception:  # reported by the timed rows already
+            result[name] = float("nan")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="cuda",
@@ -176,6 +208,9 @@ def main() -> None:
           f"copy bandwidth {copy_bandwidth(timer):.2f} TB/s (read + write)")
     print_decode_table(timer, backends)
     print_prefill_table(timer, backends)
+    overhead = host_overhead_us(backends)
+    print("\nhost time of one decode forward() call (B=1, L=64), us: "
+          + ", ".join(f"{name} {us:.1f}" for name, us in overhead.items()))
 
 
 def print_decode_table(timer: Timer, backends: dict) -> None:

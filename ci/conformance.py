@@ -15,7 +15,8 @@ the head dimension divided by max |ref| of that row; the case's rel err is
 the worst row. Normalizing per row keeps long-context rows (whose outputs
 average many values and so are small) as strictly checked as short ones,
 and avoids the blow-up of per-element relative error near zero. A NaN
-anywhere fails. Tolerances by dtype are in `ci.matrix.TOLERANCES`.
+anywhere fails. Tolerances by dtype are in `ci.matrix.TOLERANCES`. The
+"ms" column is the whole case's wall time, the oracle's included.
 
 Exit status: 0 all run cases passed, 1 some failed, 2 an explicitly asked
 platform or backend could not be run at all.

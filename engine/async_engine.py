@@ -173,7 +173,7 @@ class AsyncLLMEngine:
         self._listeners = self._listeners + (listener,)
 
     def remove_step_listener(self, listener: StepListener) -> None:
-        self._listeners = tuple(x for x in self._listeners if x is not listener)
+        self._listeners = tuple(x for x in self._listeners if x != listener)
 
     async def add_requests(self, requests: Sequence[EngineRequest]) -> RequestStream:
         """Queue requests (all or none: ValueError naming the field) -> their stream."""

@@ -13,6 +13,10 @@ import logging
 import sys
 from typing import Callable, Optional
 
+from engine.cli_bench import add_bench_parser
+from engine.cli_chat import add_chat_parser
+from engine.cli_serve import add_serve_parser
+
 ENGINE_ARGS = {
     # flag: (type, default, help)
     "model": (str, None, "model directory (HF format); default: SmolLM2-135M-Instruct"),
@@ -77,7 +81,8 @@ def run_generate(args: argparse.Namespace) -> None:
               f"[{completion.finish_reason}]\n")
 
 
-SUBCOMMANDS: list[Callable] = [add_generate_parser]
+SUBCOMMANDS: list[Callable] = [add_generate_parser, add_serve_parser, add_chat_parser,
+                               add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -174,7 +174,7 @@ class LLMEngine:
             state.cumulative_logprob += token_logprob
 
     def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.convert_ids_to_tokens(token_id)
+        return self.tokenizer.decode([token_id])
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         request = state.request

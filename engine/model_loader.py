@@ -52,6 +52,8 @@ def resolve_model(model: Optional[str]) -> str:
     """A local HF model directory for `model` (None or DEFAULT_MODEL: the default model)."""
     if model is None or (model == DEFAULT_MODEL and not os.path.exists(model)):
         return str(default_model_dir())
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"model must be a path or None, got {model!r}")
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ValueError(f"model: unknown model path {model!r} (no such directory)")

@@ -38,6 +38,16 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny matmuls gain nothing from threads, and OpenMP spinning on shared CI
+    cores makes them ten times slower; restore the setting afterwards."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
 def make_prompts(vocab_size: int, seed: int) -> tuple[list, list[SamplingParams]]:
     """Text prompts plus token-id prompts of 1..70 tokens, half of them on one shared prefix."""
     generator = torch.Generator().manual_seed(seed)

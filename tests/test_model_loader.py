@@ -93,6 +93,11 @@ def test_unknown_model_path_is_rejected(tmp_path, kind):
         resolve_model(str(path))
 
 
+def test_model_of_the_wrong_type_is_rejected():
+    with pytest.raises(ValueError, match="model must be a path"):
+        resolve_model(42)
+
+
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, architectures=["BertForMaskedLM"])

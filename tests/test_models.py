@@ -31,7 +31,6 @@ class PagedBatchRunner:
     """Runs packed steps of several sequences through a model with a paged KV cache."""
 
     def __init__(self, model, token_ids: list[torch.Tensor], block_size: int, seed: int):
-        backend = REFERENCE
         self.model, self.token_ids, self.block_size = model, token_ids, block_size
         generator = torch.Generator().manual_seed(seed)
         blocks_per_seq = [-(-len(t) // block_size) for t in token_ids]
@@ -39,9 +38,11 @@ class PagedBatchRunner:
         pool = torch.randperm(num_blocks, generator=generator).tolist()
         self.block_tables = [[pool.pop() for _ in range(n)] for n in blocks_per_seq]
         dtype = next(model.parameters()).dtype
-        shape = backend.kv_cache_shape(num_blocks, block_size, model.num_kv_heads,
-                                       model.head_size)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        shape = REFERENCE.kv_cache_shape(num_blocks, block_size, model.num_kv_heads,
+                                         model.head_size)
+        # NaN-filled: reading a slot no token wrote poisons the logits.
+        self.kv_caches = [(torch.full(shape, float("nan"), dtype=dtype),
+                           torch.full(shape, float("nan"), dtype=dtype))
                           for _ in range(model.num_layers)]
         self.num_computed = [0] * len(token_ids)
 

@@ -1,0 +1,1 @@
+"""Ways into the engine besides the offline `LLM` API: the OpenAI-compatible server."""

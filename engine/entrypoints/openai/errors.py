@@ -64,7 +64,10 @@ def error_event(err: Exception) -> str:
 
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    # loc is ("body", field, ...) for a bad field, ("body", position) for bad JSON.
+    if errors and errors[0]["type"] == "json_invalid":
+        reason = errors[0].get("ctx", {}).get("error", errors[0]["msg"])
+        return error_response(400, f"the request body is not valid JSON: {reason}")
+    # loc is ("body", field, ...) for a bad field, ("body",) for a missing body.
     first_loc = [str(part) for part in errors[0]["loc"][1:]] if errors else []
     param = first_loc[0] if first_loc and not first_loc[0].isdigit() else None
     details = []

@@ -52,6 +52,13 @@ class _Batch:
         return len(self.prompts) * self.params.n
 
 
+@dataclass
+class _ChoiceStream:
+    tracker: DeltaTracker
+    started: bool = False
+    text_offset: int = 0  # of the next token, for logprobs
+
+
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest,
                                 raw_request: Request) -> Response:
@@ -101,8 +108,7 @@ class OpenAIServingCompletion(OpenAIServing):
             self._add_prompt_echo(batch, index, choice, final)
             if choice.logprobs is not None:
                 self._append_logprobs(choice.logprobs, completion.token_ids,
-                                      completion.logprobs, len(choice.text)
-                                      - len(completion.text))
+                                      completion.logprobs, 0)
             choices.append(choice)
         prompt_lengths = [len(prompt.token_ids) for prompt in batch.prompts]
         return CompletionResponse(id=batch.id, created=batch.created, model=batch.model_name,
@@ -120,7 +126,11 @@ class OpenAIServingCompletion(OpenAIServing):
             self._append_logprobs(choice.logprobs, prompt.token_ids, prompt_logprobs, 0)
 
     def _append_logprobs(self, target: CompletionLogprobs, token_ids: list[int],
-                         logprobs: Optional[SampleLogprobs], text_offset: int) -> None:
+                         logprobs: Optional[SampleLogprobs], text_offset: int) -> int:
+        """Append tokens from `text_offset` on (or after target's last); -> next offset.
+
+        Offsets count the characters of the tokens' texts before each token.
+        """
         if target.text_offset:
             text_offset = target.text_offset[-1] + len(target.tokens[-1])
         for position, token_id in enumerate(token_ids):
@@ -133,17 +143,18 @@ class OpenAIServingCompletion(OpenAIServing):
             target.top_logprobs.append(
                 {self.token_text(tid): lp.logprob for tid, lp in entry.items()}
                 if entry else None)
+        return text_offset
 
     async def _events(self, batch: _Batch, stream: RequestStream) -> AsyncIterator[str]:
-        trackers = [DeltaTracker(batch.params.stop, batch.params.include_stop_str_in_output)
-                    for _ in range(batch.num_choices)]
+        choice_streams = [_ChoiceStream(DeltaTracker(
+            batch.params.stop, batch.params.include_stop_str_in_output))
+            for _ in range(batch.num_choices)]
         finals: list[Optional[RequestOutput]] = [None] * batch.num_choices
         try:
             async with stream:
                 async for index, output in stream:
-                    first = finals[index] is None
                     finals[index] = output
-                    choice = self._stream_choice(batch, index, output, trackers[index], first)
+                    choice = self._stream_choice(batch, index, output, choice_streams[index])
                     if choice is not None:
                         yield sse_event(CompletionResponse(
                             id=batch.id, created=batch.created, model=batch.model_name,
@@ -158,17 +169,18 @@ class OpenAIServingCompletion(OpenAIServing):
         yield SSE_DONE
 
     def _stream_choice(self, batch: _Batch, index: int, output: RequestOutput,
-                       tracker: DeltaTracker, first: bool) -> Optional[CompletionChoice]:
+                       state: "_ChoiceStream") -> Optional[CompletionChoice]:
         completion = output.outputs[0]
-        delta = tracker.update(completion, output.finished)
+        delta = state.tracker.update(completion, output.finished)
         choice = CompletionChoice(index=index, text=delta.text)
         if batch.request.logprobs is not None:
             choice.logprobs = CompletionLogprobs()
-        if first:
+        if not state.started:
+            state.started = True
             self._add_prompt_echo(batch, index, choice, output)
         if choice.logprobs is not None:
-            self._append_logprobs(choice.logprobs, delta.token_ids, delta.logprobs,
-                                  len(choice.text) - len(delta.text))
+            state.text_offset = self._append_logprobs(
+                choice.logprobs, delta.token_ids, delta.logprobs, state.text_offset)
         if output.finished:
             choice.finish_reason = completion.finish_reason
             choice.stop_reason = completion.stop_reason

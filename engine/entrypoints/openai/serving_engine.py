@@ -49,10 +49,9 @@ class OpenAIServing:
 
     def check_prompt_length(self, num_tokens: int, param: str) -> None:
         if num_tokens > self.max_model_len:
-            raise bad_request(f"This model's maximum context length is {self.max_model_len} "
-                              f"tokens, but the {param} has {num_tokens} tokens "
-                              f"(max_model_len={self.max_model_len}, {param} length "
-                              f"{num_tokens}).", param)
+            raise bad_request(f"This model's maximum context length (max_model_len) is "
+                              f"{self.max_model_len} tokens, but the {param} has "
+                              f"{num_tokens} tokens.", param)
 
     def sampling_params(self, request: SamplingRequest, max_tokens: Optional[int],
                         logprobs: Optional[int],

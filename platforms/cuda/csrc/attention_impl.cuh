@@ -65,12 +65,12 @@ cudaError_t run_decode(const AttentionParams& p, bool use_tensor_cores, cudaStre
     if constexpr (!std::is_same_v<T, float>) {
       if (use_tensor_cores) {
         using S = DecodeMmaShape<HEAD>;
-        const dim3 grid(p.num_tokens, p.num_kv_heads * ((group + 15) / 16), p.num_splits);
+        const dim3 grid(p.num_tokens * p.num_kv_heads * ((group + 15) / 16), p.num_splits);
         return launch_kernel(decode_mma_kernel<T, HEAD>, grid, S::kThreads, S::kSmemBytes, stream, p);
       }
     }
     using S = DecodeSimpleShape<HEAD>;
-    const dim3 grid(p.num_tokens, p.num_kv_heads * ((group + S::kRows - 1) / S::kRows),
+    const dim3 grid(p.num_tokens * p.num_kv_heads * ((group + S::kRows - 1) / S::kRows),
                     p.num_splits);
     return launch_kernel(decode_simple_kernel<T, HEAD>, grid, S::kThreads, 0, stream, p);
   });

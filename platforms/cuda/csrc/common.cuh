@@ -165,6 +165,25 @@ __device__ __forceinline__ int64_t cache_row_offset(const AttentionParams& p, in
   return (slot * p.num_kv_heads + kv_head) * p.head_size;
 }
 
+// The work of one decode CTA. Grid: x = token * ctas_per_token + the CTA's
+// (KV head, chunk of kRows query heads), so the CTAs reading the KV heads of
+// one token's cache blocks run side by side; y = context partition.
+struct DecodeCta {
+  int token, split, kv_head, head0, num_rows;
+};
+
+template <int kRows>
+__device__ __forceinline__ DecodeCta decode_cta(const AttentionParams& p) {
+  const int group = p.num_heads / p.num_kv_heads;
+  const int chunks = (group + kRows - 1) / kRows;
+  const int per_token = p.num_kv_heads * chunks;
+  const int rest = blockIdx.x % per_token;
+  const int kv_head = rest / chunks;
+  const int head0 = kv_head * group + (rest % chunks) * kRows;
+  return {static_cast<int>(blockIdx.x / per_token), static_cast<int>(blockIdx.y), kv_head,
+          head0, min(kRows, kv_head * group + group - head0)};
+}
+
 // Marks an empty partition (context shorter than its start) for combine_splits.
 __device__ __forceinline__ void write_empty_split(const AttentionParams& p, int token, int head0,
                                                   int num_rows, int split) {

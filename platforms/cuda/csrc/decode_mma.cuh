@@ -1,16 +1,17 @@
 // Split-K paged decode on tensor cores (fp16/bf16, sm80+).
 //
 // One CTA = (query token, KV head, chunk of up to 16 query heads of its GQA
-// group, context partition). The group's query heads are the 16 rows of an
-// m16n8k16 A operand, so each K/V byte is read once for all of them. Each of
-// the 4 warps streams its own 16-token tiles (tile i goes to warp i % 4)
-// through a private 2-stage cp.async ring and keeps its own online softmax;
-// the warps are merged once at the end (finish_partition), and partitions by
-// combine_splits. Tokens past the partition end are zero-filled, never read.
+// group, context partition); decode_cta has the grid. The group's query
+// heads are the 16 rows of an m16n8k16 A operand, so each K/V byte is read
+// once for all of them. Each of the 4 warps streams its own 16-token tiles
+// (tile i goes to warp i % 4) through a private cp.async ring and
+// keeps its own online softmax; the warps are merged once at the end
+// (finish_partition), and partitions by combine_splits. Tokens past the
+// partition end are zero-filled, never read.
 //
 // Shared memory (elements of T, rows padded by 8 so ldmatrix is conflict-free):
 //   q    [16][HEAD + 8]
-//   ring [4 warps][2 stages][K, V][16 tokens][HEAD + 8]
+//   ring [4 warps][kStages][K, V][16 tokens][HEAD + 8]
 // and, after the main loop, reused as the float epilogue buffers.
 #pragma once
 
@@ -26,29 +27,32 @@ struct DecodeMmaShape {
   static constexpr int kRow = HEAD + 8;            // padded smem row (elements)
   static constexpr int kChunks = HEAD / 8;         // 16-byte chunks per row
   static constexpr int kStageElems = 2 * kTile * kRow;  // K and V of one tile
-  static constexpr int kRingElems = kWarps * 2 * kStageElems;
+  // cp.async ring depth per warp: tiles in flight while one is consumed.
+  static constexpr int kStages = 2;
+  static constexpr int kRingElems = kWarps * kStages * kStageElems;
   static constexpr size_t kSmemBytes = (16 * kRow + kRingElems) * 2;
   static_assert(HEAD % 16 == 0, "head size must be a multiple of 16 (even chunk count)");
   static_assert(kWarps * 16 * (HEAD + 2) * 4 <= kRingElems * 2, "epilogue must fit the ring");
 };
 
-// Issues one warp's cp.async loads for a 16-token tile. Lane l copies row
-// l / 2 (its cache offset is `row_offset`, -1 = masked), chunks l % 2, +2, ...
+// Issues one warp's cp.async loads for a 16-token tile: chunk i * 32 + lane
+// of the tile's [16 rows][HEAD / 8 chunks], so each instruction reads whole
+// rows. Lane r (< 16) holds row r's cache offset (-1 = masked).
 template <typename T, int HEAD>
 __device__ __forceinline__ void load_tile_async(const AttentionParams& p, T* stage,
                                                 int64_t row_offset, int lane) {
   using S = DecodeMmaShape<HEAD>;
   const T* k_cache = static_cast<const T*>(p.key_cache);
   const T* v_cache = static_cast<const T*>(p.value_cache);
-  const bool valid = row_offset >= 0;
-  const int64_t base = valid ? row_offset : 0;
-  T* k_dst = stage + (lane >> 1) * S::kRow;
-  T* v_dst = k_dst + S::kTile * S::kRow;
 #pragma unroll
-  for (int i = 0; i < S::kChunks / 2; ++i) {
-    const int c = 2 * i + (lane & 1);
-    cp_async_16(k_dst + c * 8, k_cache + base + c * 8, valid);
-    cp_async_16(v_dst + c * 8, v_cache + base + c * 8, valid);
+  for (int i = 0; i < S::kTile * S::kChunks / kWarpSize; ++i) {
+    const int c = i * kWarpSize + lane;
+    const int row = c / S::kChunks, chunk = c % S::kChunks;
+    const int64_t offset = __shfl_sync(0xffffffffu, row_offset, row);
+    const int64_t src = (offset >= 0 ? offset : 0) + chunk * 8;
+    T* k_dst = stage + row * S::kRow + chunk * 8;
+    cp_async_16(k_dst, k_cache + src, offset >= 0);
+    cp_async_16(k_dst + S::kTile * S::kRow, v_cache + src, offset >= 0);
   }
 }
 
@@ -117,6 +121,52 @@ __device__ __forceinline__ void attend_tile(const T* q_smem, const T* stage, int
   }
 }
 
+// One warp's pass over its tiles of [start, end): a ring of kStages tiles in
+// flight, the block-table lookup of the next tile issued a tile early. On
+// return the warp's (o, m, l) hold its online-softmax state, l summed over
+// the quad, and no cp.async is pending.
+template <typename T, int HEAD>
+__device__ __forceinline__ void stream_tiles(const AttentionParams& p, const T* q_smem, T* ring,
+                                             int seq, int kv_head, int start, int end, int warp,
+                                             int lane, float (&o)[HEAD / 8][4], float (&m)[2],
+                                             float (&l)[2]) {
+  using S = DecodeMmaShape<HEAD>;
+  const int num_tiles = (end - start + S::kTile - 1) / S::kTile;
+  auto row_offset = [&](int tile) {
+    return cache_row_offset(p, seq, start + tile * S::kTile + (lane & 15), end, kv_head);
+  };
+#pragma unroll
+  for (int s = 0; s < S::kStages - 1; ++s) {
+    const int tile = warp + s * S::kWarps;
+    if (tile < num_tiles) load_tile_async<T, HEAD>(p, ring + s * S::kStageElems, row_offset(tile), lane);
+    cp_async_commit();
+  }
+  constexpr int kAhead = (S::kStages - 1) * S::kWarps;
+  int64_t next_offset = row_offset(warp + kAhead);
+  const float scale_log2 = p.scale * kLog2e;
+  int stage = 0;
+  for (int tile = warp; tile < num_tiles; tile += S::kWarps) {
+    if (tile + kAhead < num_tiles) {
+      const int free_stage = stage == 0 ? S::kStages - 1 : stage - 1;  // consumed last round
+      load_tile_async<T, HEAD>(p, ring + free_stage * S::kStageElems, next_offset, lane);
+    }
+    cp_async_commit();
+    next_offset = row_offset(tile + kAhead + S::kWarps);  // latency hides behind the wait
+    cp_async_wait<S::kStages - 1>();
+    __syncwarp();
+    attend_tile<T, HEAD>(q_smem, ring + stage * S::kStageElems, lane,
+                         end - (start + tile * S::kTile), scale_log2, o, m, l);
+    __syncwarp();
+    stage = stage + 1 == S::kStages ? 0 : stage + 1;
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+}
+
 template <typename T, int HEAD>
 __global__ void __launch_bounds__(DecodeMmaShape<HEAD>::kThreads)
     decode_mma_kernel(AttentionParams p) {
@@ -125,12 +175,9 @@ __global__ void __launch_bounds__(DecodeMmaShape<HEAD>::kThreads)
   T* q_smem = reinterpret_cast<T*>(smem_raw);
   T* ring = q_smem + 16 * S::kRow;
 
-  const int group = p.num_heads / p.num_kv_heads;
-  const int head_chunks = (group + 15) / 16;
-  const int kv_head = blockIdx.y / head_chunks;
-  const int head0 = kv_head * group + (blockIdx.y % head_chunks) * 16;
-  const int num_rows = min(16, kv_head * group + group - head0);
-  const int token = blockIdx.x, split = blockIdx.z;
+  const DecodeCta cta = decode_cta<16>(p);
+  const int token = cta.token, split = cta.split, kv_head = cta.kv_head;
+  const int head0 = cta.head0, num_rows = cta.num_rows;
   const QueryToken qt = locate_token(p, token);
   const int start = split * p.partition_size;
   const int end = min(qt.context_len, start + p.partition_size);
@@ -149,36 +196,10 @@ __global__ void __launch_bounds__(DecodeMmaShape<HEAD>::kThreads)
   __syncthreads();
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  T* my_ring = ring + warp * 2 * S::kStageElems;
-  const int num_tiles = (end - start + S::kTile - 1) / S::kTile;
-  const float scale_log2 = p.scale * kLog2e;
   float o[HEAD / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-
-  auto row_offset = [&](int tile) {
-    return cache_row_offset(p, qt.seq, start + tile * S::kTile + (lane >> 1), end, kv_head);
-  };
-  if (warp < num_tiles) load_tile_async<T, HEAD>(p, my_ring, row_offset(warp), lane);
-  cp_async_commit();
-  int64_t next_offset = row_offset(warp + S::kWarps);
-  for (int tile = warp, it = 0; tile < num_tiles; tile += S::kWarps, ++it) {
-    if (tile + S::kWarps < num_tiles) {
-      load_tile_async<T, HEAD>(p, my_ring + ((it + 1) & 1) * S::kStageElems, next_offset, lane);
-    }
-    cp_async_commit();
-    next_offset = row_offset(tile + 2 * S::kWarps);  // latency hides behind the wait
-    cp_async_wait<1>();
-    __syncwarp();
-    attend_tile<T, HEAD>(q_smem, my_ring + (it & 1) * S::kStageElems, lane,
-                         end - (start + tile * S::kTile), scale_log2, o, m, l);
-    __syncwarp();
-  }
-  cp_async_wait<0>();
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
+  stream_tiles<T, HEAD>(p, q_smem, ring + warp * S::kStages * S::kStageElems, qt.seq, kv_head,
+                        start, end, warp, lane, o, m, l);
   __syncthreads();  // every warp is done with the ring: reuse it for the epilogue
 
   float* o_smem = reinterpret_cast<float*>(ring);

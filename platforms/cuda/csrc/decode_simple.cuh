@@ -33,12 +33,9 @@ __global__ void __launch_bounds__(DecodeSimpleShape<HEAD>::kThreads)
   __shared__ float o_smem[S::kWarps * S::kRows * HEAD];
   __shared__ float ml_smem[S::kWarps * S::kRows * 2];
 
-  const int group = p.num_heads / p.num_kv_heads;
-  const int head_chunks = (group + S::kRows - 1) / S::kRows;
-  const int kv_head = blockIdx.y / head_chunks;
-  const int head0 = kv_head * group + (blockIdx.y % head_chunks) * S::kRows;
-  const int num_rows = min(S::kRows, kv_head * group + group - head0);
-  const int token = blockIdx.x, split = blockIdx.z;
+  const DecodeCta cta = decode_cta<S::kRows>(p);
+  const int token = cta.token, split = cta.split, kv_head = cta.kv_head;
+  const int head0 = cta.head0, num_rows = cta.num_rows;
   const QueryToken qt = locate_token(p, token);
   const int start = split * p.partition_size;
   const int end = min(qt.context_len, start + p.partition_size);

@@ -25,6 +25,12 @@ struct PrefillShape {
   static constexpr int kRow = HEAD + 8;
   static constexpr int kChunks = HEAD / 8;
   static constexpr size_t kSmemBytes = 3 * 64 * kRow * 2;
+  // Q's A fragments stay in registers up to HEAD 128 (saves a fifth of the
+  // ldmatrix traffic); at 256 they would push the kernel into spills.
+  static constexpr int kQFragments = HEAD <= 128 ? HEAD / 16 : 1;
+  // 3 CTAs per SM (170 registers a thread) keep another CTA's math running
+  // while one waits on its K/V tile.
+  static constexpr int kMinBlocks = HEAD <= 128 ? 3 : 1;
   static_assert(HEAD % 16 == 0, "head size must be a multiple of 16");
 };
 
@@ -49,16 +55,21 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const T* 
 
 // Scores of one warp's 16 rows against a 64-key tile, masked and in log2 units.
 template <typename T, int HEAD>
-__device__ __forceinline__ void tile_scores(const T* q_rows, const T* k_smem, int lane, int key0,
-                                            const int (&row_pos)[2], float scale_log2,
-                                            float (&s)[8][4]) {
+__device__ __forceinline__ void tile_scores(
+    const T* q_rows, const uint32_t (&q_frag)[PrefillShape<HEAD>::kQFragments][4],
+    const T* k_smem, int lane, int key0, const int (&row_pos)[2], float scale_log2,
+    float (&s)[8][4]) {
   using S = PrefillShape<HEAD>;
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
   for (int ks = 0; ks < HEAD / 16; ++ks) {
     uint32_t a[4];
-    ldmatrix_x4<false>(a, q_rows + a_frag_row(lane) * S::kRow + ks * 16 + a_frag_col(lane));
+    if constexpr (S::kQFragments == HEAD / 16) {
+      a[0] = q_frag[ks][0], a[1] = q_frag[ks][1], a[2] = q_frag[ks][2], a[3] = q_frag[ks][3];
+    } else {
+      ldmatrix_x4<false>(a, q_rows + a_frag_row(lane) * S::kRow + ks * 16 + a_frag_col(lane));
+    }
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
       uint32_t b[4];
@@ -126,7 +137,8 @@ __device__ __forceinline__ void accumulate_pv(const float (&s)[8][4], const T* v
 }
 
 template <typename T, int HEAD>
-__global__ void __launch_bounds__(PrefillShape<HEAD>::kThreads) prefill_mma_kernel(AttentionParams p) {
+__global__ void __launch_bounds__(PrefillShape<HEAD>::kThreads, PrefillShape<HEAD>::kMinBlocks)
+    prefill_mma_kernel(AttentionParams p) {
   using S = PrefillShape<HEAD>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_smem = reinterpret_cast<T*>(smem_raw);
@@ -167,14 +179,25 @@ __global__ void __launch_bounds__(PrefillShape<HEAD>::kThreads) prefill_mma_kern
   float o[HEAD / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const int num_tiles = (kv_end + S::kKeysN - 1) / S::kKeysN;
+  const T* q_rows = q_smem + warp * 16 * S::kRow;
+  cp_async_wait<0>();
+  __syncthreads();  // Q and the first K tile landed
+  uint32_t q_frag[S::kQFragments][4];
+  if constexpr (S::kQFragments == HEAD / 16) {
+#pragma unroll
+    for (int ks = 0; ks < HEAD / 16; ++ks) {
+      ldmatrix_x4<false>(q_frag[ks], q_rows + a_frag_row(lane) * S::kRow + ks * 16 + a_frag_col(lane));
+    }
+  }
   for (int tile = 0; tile < num_tiles; ++tile) {
-    cp_async_wait<0>();
-    __syncthreads();  // K tile landed; every warp is done with the previous V
+    if (tile > 0) {
+      cp_async_wait<0>();
+      __syncthreads();  // K tile landed; every warp is done with the previous V
+    }
     load_kv_tile<T, HEAD>(p, v_cache, v_smem, seq, tile * S::kKeysN, kv_end, kv_head);
     cp_async_commit();
     float s[8][4], alpha[2];
-    tile_scores<T, HEAD>(q_smem + warp * 16 * S::kRow, k_smem, lane, tile * S::kKeysN, row_pos,
-                         scale_log2, s);
+    tile_scores<T, HEAD>(q_rows, q_frag, k_smem, lane, tile * S::kKeysN, row_pos, scale_log2, s);
     softmax_update(s, m, l, alpha);
 #pragma unroll
     for (int n = 0; n < HEAD / 8; ++n) {

@@ -1,0 +1,120 @@
+"""POST /v1/chat/completions: the conversation through the tokenizer's chat template.
+
+The rendered template already holds any BOS and special tokens, so it is
+encoded without adding special tokens again.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from engine.async_engine import RequestStream, fan_out
+from engine.entrypoints.openai.errors import bad_request, error_event
+from engine.entrypoints.openai.protocol import AssistantMessage, ChatChoice, \
+    ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, \
+    ChatStreamChoice, DeltaMessage, TokenLogprob, TopLogprob
+from engine.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, collect_final, \
+    run_until_disconnected, sse_event, sse_response, usage
+from engine.entrypoints.stream_delta import DeltaTracker
+from engine.outputs import RequestOutput, SampleLogprobs
+from engine.sampling_params import SamplingParams
+
+_FIELDS = set(ChatCompletionRequest.model_fields)
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def create_chat_completion(self, request: ChatCompletionRequest,
+                                     raw_request: Request) -> Response:
+        model_name = self.check_model(request.model)
+        prompt_token_ids = self._render(request)
+        self.check_prompt_length(len(prompt_token_ids), "messages")
+        num_top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = self.sampling_params(request, request.max_output_tokens, num_top_logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await self.add_requests(
+            fan_out(request_id, {"prompt_token_ids": prompt_token_ids}, params), _FIELDS)
+        head = {"id": request_id, "created": int(time.time()), "model": model_name}
+        if request.stream:
+            return sse_response(self._events(request, params, head, stream,
+                                             len(prompt_token_ids)))
+        finals = await run_until_disconnected(raw_request, collect_final(stream, params.n))
+        choices = [ChatChoice(
+            index=index, message=AssistantMessage(content=final.outputs[0].text),
+            logprobs=self._logprobs(final.outputs[0].token_ids, final.outputs[0].logprobs,
+                                    num_top_logprobs),
+            finish_reason=final.outputs[0].finish_reason,
+            stop_reason=final.outputs[0].stop_reason) for index, final in enumerate(finals)]
+        response = ChatCompletionResponse(**head, choices=choices,
+                                          usage=usage([len(prompt_token_ids)], finals))
+        return JSONResponse(response.model_dump())
+
+    def _render(self, request: ChatCompletionRequest) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request("this model's tokenizer has no chat template: use "
+                              "/v1/completions", "messages")
+        messages = [message.as_template_input() for message in request.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception as err:  # the template rejects the conversation (jinja raises)
+            raise bad_request(f"messages: the chat template failed: {err}",
+                              "messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _logprobs(self, token_ids: list[int], logprobs: Optional[SampleLogprobs],
+                  num_top: Optional[int]) -> Optional[ChatChoiceLogprobs]:
+        if num_top is None or logprobs is None:
+            return None
+        content = []
+        for token_id, entry in zip(token_ids, logprobs):
+            ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items()
+                            if lp.rank is not None)[:num_top]
+            content.append(TokenLogprob(
+                **self._top_logprob(token_id, entry[token_id].logprob).model_dump(),
+                top_logprobs=[self._top_logprob(tid, lp) for _, tid, lp in ranked]))
+        return ChatChoiceLogprobs(content=content)
+
+    def _top_logprob(self, token_id: int, logprob: float) -> TopLogprob:
+        token = self.token_text(token_id)
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    async def _events(self, request: ChatCompletionRequest, params: SamplingParams,
+                      head: dict, stream: RequestStream,
+                      num_prompt_tokens: int) -> AsyncIterator[str]:
+        trackers = [DeltaTracker(params.stop, params.include_stop_str_in_output)
+                    for _ in range(params.n)]
+        finals: list[Optional[RequestOutput]] = [None] * params.n
+        num_top_logprobs = params.logprobs
+        try:
+            async with stream:
+                yield sse_event(ChatCompletionChunk(**head, choices=[
+                    ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant",
+                                                                     content=""))
+                    for index in range(params.n)]))
+                async for index, output in stream:
+                    finals[index] = output
+                    completion = output.outputs[0]
+                    delta = trackers[index].update(completion, output.finished)
+                    logprobs = self._logprobs(delta.token_ids, delta.logprobs,
+                                              num_top_logprobs)
+                    if not (delta.text or output.finished or (logprobs and logprobs.content)):
+                        continue
+                    choice = ChatStreamChoice(
+                        index=index, delta=DeltaMessage(content=delta.text or None),
+                        logprobs=logprobs)
+                    if output.finished:
+                        choice.finish_reason = completion.finish_reason
+                        choice.stop_reason = completion.stop_reason
+                    yield sse_event(ChatCompletionChunk(**head, choices=[choice]))
+            if request.include_usage:
+                yield sse_event(ChatCompletionChunk(**head, choices=[],
+                                                    usage=usage([num_prompt_tokens], finals)))
+        except Exception as err:  # the request failed in the engine after the stream began
+            yield error_event(err)
+        yield SSE_DONE
