@@ -31,7 +31,8 @@ step() {  # step NAME COMMAND...: run, tee to $OUT/NAME.log, record rc and secon
   date -u
   nvidia-smi
   nvcc --version
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  $PY -c "import torch, triton
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } > "$OUT/env.log" 2>&1
 step build $PY -c "
 import time

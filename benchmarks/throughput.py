@@ -35,17 +35,20 @@ def make_tiny_model(tokenizer_dir: str, out_dir: str) -> str:
     return out_dir
 
 
-def random_prompts(vocab_size: int, num_prompts: int, input_len: int) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(0)
+def random_prompts(vocab_size: int, num_prompts: int, input_len: int,
+                   seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
     # Skip the low ids, where tokenizers keep their special tokens.
     ids = torch.randint(100, vocab_size, (num_prompts, input_len), generator=generator)
     return ids.tolist()
 
 
-def bench_pagedllm(model_dir: str, prompts, output_len: int, device: str) -> float:
+def bench_pagedllm(model_dir: str, prompts, warmup_prompts, output_len: int,
+                   device: str) -> float:
     llm = LLM(model=model_dir, device=device, dtype="float32")
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)
+    # Warm up on other prompts: the timed ones must not hit the prefix cache.
+    llm.generate([{"prompt_token_ids": p} for p in warmup_prompts], params, use_tqdm=False)
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                            use_tqdm=False)
@@ -55,7 +58,8 @@ def bench_pagedllm(model_dir: str, prompts, output_len: int, device: str) -> flo
 
 
 @torch.inference_mode()
-def bench_hf(model_dir: str, prompts, output_len: int, batch_size: int, device: str) -> float:
+def bench_hf(model_dir: str, prompts, warmup_prompts, output_len: int, batch_size: int,
+             device: str) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
@@ -69,7 +73,7 @@ def bench_hf(model_dir: str, prompts, output_len: int, batch_size: int, device: 
                              pad_token_id=pad_id)
         assert out.shape[1] - padded["input_ids"].shape[1] == output_len
 
-    run(prompts[:2])
+    run(warmup_prompts)
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         run(prompts[i:i + batch_size])
@@ -86,7 +90,11 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     default_dir = resolve_model(None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,8 +104,9 @@ def main() -> None:
                 model_dir = make_tiny_model(default_dir, tmp)
             vocab_size = len(AutoTokenizer.from_pretrained(model_dir))
             prompts = random_prompts(vocab_size, args.num_prompts, args.input_len)
-            ours = bench_pagedllm(model_dir, prompts, args.output_len, args.device)
-            hf = bench_hf(model_dir, prompts, args.output_len, args.hf_batch_size,
+            warmup = random_prompts(vocab_size, 2, args.input_len, seed=1)
+            ours = bench_pagedllm(model_dir, prompts, warmup, args.output_len, args.device)
+            hf = bench_hf(model_dir, prompts, warmup, args.output_len, args.hf_batch_size,
                           args.device)
             print(f"{name}: {args.num_prompts} prompts x {args.input_len} in / "
                   f"{args.output_len} out, threads={torch.get_num_threads()}: "

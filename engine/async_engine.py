@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -128,8 +129,9 @@ class RequestStream:
     def abort(self) -> None:
         """Abort the unfinished requests; their KV blocks are freed before the next step."""
         if self._unfinished:
-            self._engine._submit(_AbortCommand(list(self._unfinished)))
-            self._unfinished.clear()
+            request_ids, self._unfinished = list(self._unfinished), set()
+            with contextlib.suppress(EngineShutdownError):  # stopped: nothing left to free
+                self._engine._submit(_AbortCommand(request_ids))
 
     async def __aenter__(self) -> "RequestStream":
         return self
@@ -146,6 +148,9 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = False
+        # Held to queue a command, and by the exiting engine thread to refuse more:
+        # every queued command is answered.
+        self._commands_lock = threading.Lock()
         self._sinks: dict[str, _Sink] = {}  # engine thread only
         self._stats = StatsTracker(engine)
         self._listeners: tuple[StepListener, ...] = ()
@@ -177,8 +182,6 @@ class AsyncLLMEngine:
 
     async def add_requests(self, requests: Sequence[EngineRequest]) -> RequestStream:
         """Queue requests (all or none: ValueError naming the field) -> their stream."""
-        if not self.is_running:
-            raise EngineShutdownError("the engine is not running")
         loop = asyncio.get_running_loop()
         sink = _Sink(loop, asyncio.Queue())
         accepted = loop.create_future()
@@ -201,9 +204,6 @@ class AsyncLLMEngine:
                 completions = [dataclasses.replace(c, index=index) for c in output.outputs]
                 yield dataclasses.replace(output, request_id=request_id, outputs=completions)
 
-    async def abort(self, request_id: str) -> None:
-        self._submit(_AbortCommand([request_id]))
-
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop the step loop after the current step; requests in flight fail."""
         self._stopping = True
@@ -213,7 +213,10 @@ class AsyncLLMEngine:
     # ---- the engine thread ---------------------------------------------------
 
     def _submit(self, command) -> None:
-        self._commands.put(command)
+        with self._commands_lock:
+            if self._stopping:
+                raise EngineShutdownError("the engine is not running")
+            self._commands.put(command)
         self._wakeup.set()
 
     def _run(self) -> None:
@@ -226,10 +229,20 @@ class AsyncLLMEngine:
                 else:
                     self._publish()
                     self._wakeup.wait()
+        except Exception:
+            logger.exception("the engine loop crashed")
         finally:
+            self._close()
+
+    def _close(self) -> None:
+        """Refuse new commands, answer the queued ones, fail the requests in flight."""
+        with self._commands_lock:
             self._stopping = True
+        try:
             self._apply_commands()
-            self._fail_all(EngineShutdownError("the engine was shut down"))
+        except Exception:
+            logger.exception("answering the last commands failed")
+        self._fail_all(EngineShutdownError("the engine was shut down"))
 
     def _apply_commands(self) -> None:
         while True:

@@ -1,5 +1,6 @@
-"""Shared by the server tests: a tiny-model engine, uvicorn on a free loopback port,
-waiting for the engine to drain, and /metrics scraping."""
+"""Shared by the server tests: fixtures serving a tiny model with uvicorn on a free
+loopback port (import them into a test module, with tiny_model_factory), waiting
+for an engine to drain, and /metrics scraping."""
 
 import contextlib
 import socket
@@ -13,16 +14,31 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
+from engine.entrypoints.openai.api_server import build_app
 
 MODEL_NAME = "tiny-llama"
 MAX_MODEL_LEN = 128
 NUM_BLOCKS = 192
 
 
-def start_engine(model_dir) -> AsyncLLMEngine:
-    return AsyncLLMEngine.from_config(EngineConfig(
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_factory):
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    engine = AsyncLLMEngine.from_config(EngineConfig(
         model=str(model_dir), device="cpu", max_model_len=MAX_MODEL_LEN,
         num_gpu_blocks_override=NUM_BLOCKS))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_url(engine):
+    with serve(build_app(engine, [MODEL_NAME])) as url:
+        yield url
 
 
 @contextlib.contextmanager
@@ -50,11 +66,12 @@ def wait_idle(engine: AsyncLLMEngine, timeout: float = 10.0) -> None:
     kv = engine.engine.kv_cache_manager
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not engine.engine.has_unfinished_requests() and kv.num_free_blocks == NUM_BLOCKS:
+        if not engine.engine.has_unfinished_requests() \
+                and kv.num_free_blocks == kv.num_blocks:
             return
         time.sleep(0.01)
     pytest.fail(f"not idle after {timeout} s: {engine.engine.get_num_unfinished_requests()} "
-                f"requests, {kv.num_free_blocks}/{NUM_BLOCKS} free blocks")
+                f"requests, {kv.num_free_blocks}/{kv.num_blocks} free blocks")
 
 
 def scrape(base_url: str) -> dict:

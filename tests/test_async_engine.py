@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from server_harness import wait_idle
 from tiny_models import tiny_model_factory  # noqa: F401  (fixture)
 
 from engine import LLM, SamplingParams
@@ -59,18 +60,6 @@ async def final_output(engine, prompt, params, request_id):
     async for output in engine.generate(prompt, params, request_id):
         last = output
     return last
-
-
-def wait_idle(engine, timeout=10.0):
-    """Wait until the engine has no request and every KV block is free again."""
-    deadline = time.monotonic() + timeout
-    kv = engine.engine.kv_cache_manager
-    while time.monotonic() < deadline:
-        if not engine.engine.has_unfinished_requests() and kv.num_free_blocks == NUM_BLOCKS:
-            return
-        time.sleep(0.01)
-    pytest.fail(f"engine not idle: {engine.engine.get_num_unfinished_requests()} requests, "
-                f"{kv.num_free_blocks}/{NUM_BLOCKS} free blocks")
 
 
 def test_concurrent_requests_are_batched_and_match_offline(served):

@@ -129,9 +129,9 @@ def test_bad_query_is_a_value_error_before_any_build(shape, dtype, message):
     cache = torch.zeros(3, 16, 2, 64, dtype=torch.float16)
     index = torch.zeros(1, dtype=torch.int32)
     with pytest.raises(ValueError, match=message):
-        CudaAttentionBackend().forward(query, kv, kv, cache, cache, torch.zeros(4, dtype=torch.int64),
-                                       index.view(1, 1), index, torch.zeros(2, dtype=torch.int32),
-                                       0.125)
+        CudaAttentionBackend().forward(query, kv, kv, cache, cache,
+                                       torch.zeros(4, dtype=torch.int64), index.view(1, 1),
+                                       index, torch.zeros(2, dtype=torch.int32), 0.125)
 
 
 @pytest.mark.parametrize("num_tokens,max_context,num_sms", [

@@ -37,7 +37,8 @@ MIXED = BatchShape("mixed", ((0, 23), (100, 28), (2049, 1), (0, 1)))
 
 EXTRA_CASES = [
     *(Case(dtype, 96, 16, 32, 8, batch)
-      for dtype in (torch.float32, torch.float16, torch.bfloat16) for batch in (MIXED, LONG_DECODE)),
+      for dtype in (torch.float32, torch.float16, torch.bfloat16)
+      for batch in (MIXED, LONG_DECODE)),
     *(Case(dtype, 128, 16, 32, 1, batch)
       for dtype in (torch.float32, torch.bfloat16) for batch in (MIXED, LONG_DECODE)),
     *(Case(dtype, 64, 8, 8, 2, batch)

@@ -10,33 +10,14 @@ from collections.abc import Mapping
 
 import openai
 import pytest
-from server_harness import MAX_MODEL_LEN, MODEL_NAME, serve, start_engine, wait_idle
+from server_harness import base_url, engine, model_dir  # noqa: F401  (fixtures)
+from server_harness import MAX_MODEL_LEN, MODEL_NAME, wait_idle
 from tiny_models import tiny_model_factory  # noqa: F401  (fixture)
 from transformers import AutoTokenizer
-
-from engine.entrypoints.openai.api_server import build_app
 
 PROMPT = "The capital of France is"
 OTHER_PROMPT = "Once upon a time there was"
 GREEDY = {"temperature": 0.0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_factory):  # noqa: F811
-    return tiny_model_factory("llama")
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    engine = start_engine(model_dir)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(build_app(engine, [MODEL_NAME])) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import time
 import httpx
 import openai
 import pytest
-from server_harness import MAX_MODEL_LEN, MODEL_NAME, metric, scrape, serve, start_engine, \
-    wait_idle
+from server_harness import base_url, engine, model_dir  # noqa: F401  (fixtures)
+from server_harness import MAX_MODEL_LEN, MODEL_NAME, metric, scrape, serve, wait_idle
 from tiny_models import tiny_model_factory  # noqa: F401  (fixture)
 from transformers import AutoTokenizer
 
@@ -24,25 +24,7 @@ COMPLETION = {"prompt": "Hi", "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_factory):  # noqa: F811
-    return tiny_model_factory("llama")
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    engine = start_engine(model_dir)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(build_app(engine, [MODEL_NAME])) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def keyed_url(engine):
+def keyed_url(engine):  # noqa: F811
     """A second server on the same engine that wants API_KEY."""
     with serve(build_app(engine, [MODEL_NAME], api_key=API_KEY)) as url:
         yield url

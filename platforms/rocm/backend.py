@@ -21,7 +21,8 @@ def _check_inputs(query, key, value, key_cache, value_cache, slot_mapping, block
                   seq_lens, query_start_loc, dtypes) -> None:
     """Raise ValueError naming the first field that breaks the contract."""
     if query.dim() != 3:
-        raise ValueError(f"query must be [num_tokens, num_heads, head_size], got {tuple(query.shape)}")
+        raise ValueError("query must be [num_tokens, num_heads, head_size], "
+                         f"got {tuple(query.shape)}")
     if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
         raise ValueError("key_cache / value_cache must both be [num_blocks, block_size, "
                          f"num_kv_heads, head_size], got {tuple(key_cache.shape)} and "
@@ -29,7 +30,8 @@ def _check_inputs(query, key, value, key_cache, value_cache, slot_mapping, block
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = key_cache.shape[2]
     if key_cache.shape[3] != head_size:
-        raise ValueError(f"key_cache head_size {key_cache.shape[3]} != query head_size {head_size}")
+        raise ValueError(f"key_cache head_size {key_cache.shape[3]} != query head_size "
+                         f"{head_size}")
     if num_heads % num_kv_heads:
         raise ValueError(f"query num_heads {num_heads} is not a multiple of key_cache "
                          f"num_kv_heads {num_kv_heads}")

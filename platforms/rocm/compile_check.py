@@ -59,6 +59,7 @@ class AttentionVariant:
 #: decode, split-KV decode and prefill shapes over the dtypes and head sizes served
 ATTENTION_VARIANTS = (
     AttentionVariant(torch.float16, 128, 4, 16, 1),
+    AttentionVariant(torch.bfloat16, 64, 4, 16, 1),
     AttentionVariant(torch.bfloat16, 128, 4, 16, 1, num_splits=8),
     AttentionVariant(torch.float16, 64, 1, 16, 64),
     AttentionVariant(torch.bfloat16, 128, 4, 32, 64),

@@ -9,6 +9,7 @@ time, a tile spanning `tile_n // block_size` cache pages.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,9 @@ MIN_DOT_ROWS = 16
 MIN_KEYS_PER_SPLIT = 256
 #: upper bound on KV splits (the reduction kernel holds them all in registers)
 MAX_KV_SPLITS = 16
-#: bytes of one K (or V) tile: 64 keys of 128 bf16 dims
+#: bytes of one K (or V) tile, e.g. 64 keys of 128 bf16 dims (on an H100 decode
+#: reached the same bandwidth with 64 and 128 such keys, and 12% more with
+#: 128 keys than 64 at head_dim 64: benchmarks/RESULTS.md)
 KV_TILE_BYTES = 16 * 1024
 #: compute units assumed when the tensors are not on a GPU (interpreter runs)
 CPU_COMPUTE_UNITS = 1
@@ -47,6 +50,7 @@ def target_backend() -> str:
     return "hip" if torch.version.hip is not None else "cuda"
 
 
+@functools.lru_cache(maxsize=None)
 def attention_config(backend: str, head_size: int, group: int, max_query_len: int,
                      itemsize: int) -> KernelConfig:
     """The launch shape for `backend` ("hip" or "cuda") and K/V of `itemsize` bytes.
@@ -62,7 +66,9 @@ def attention_config(backend: str, head_size: int, group: int, max_query_len: in
     max_rows = MIN_DOT_ROWS if decode else 64
     block_q = max(1, min(max_rows // group, triton.next_power_of_2(max_query_len)))
     block_m = max(MIN_DOT_ROWS, triton.next_power_of_2(block_q * group))
-    tile_n = max(MIN_DOT_ROWS, min(64, KV_TILE_BYTES // (head_pad * itemsize)))
+    # Prefill caps the tile at 64 keys: its [block_m, tile_n] scores live in registers.
+    max_tile_n = 128 if decode else 64
+    tile_n = max(MIN_DOT_ROWS, min(max_tile_n, KV_TILE_BYTES // (head_pad * itemsize)))
     if backend == "hip":
         # 4 wavefronts of 64 lanes. Each pipeline stage buffers a K and a V
         # tile in LDS (64 KiB per CU), so fewer stages keep more programs resident.
@@ -75,13 +81,14 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, max_query_
     """How many KV splits a decode step uses (1 = the plain unified kernel).
 
     Only decode splits: a prefill tile already has enough programs. Splitting
-    pays when sequences x KV heads leave compute units idle and every split
-    still covers MIN_KEYS_PER_SPLIT keys.
+    pays only while sequences x KV heads leave compute units without a
+    program (on an H100, 256 programs on 132 SMs ran 14% slower split in two)
+    and every split still covers MIN_KEYS_PER_SPLIT keys.
     """
-    if max_query_len != 1:
+    programs = num_seqs * num_kv_heads
+    if max_query_len != 1 or programs >= compute_units:
         return 1
-    programs = max(1, num_seqs * num_kv_heads)
-    wanted = triton.cdiv(2 * compute_units, programs)
+    wanted = triton.cdiv(2 * compute_units, max(1, programs))
     return max(1, min(wanted, max_seq_len // MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS))
 
 

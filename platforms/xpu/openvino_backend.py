@@ -61,13 +61,13 @@ class OpenVinoBackend(AttentionBackend):
                 max_query_len: Optional[int] = None) -> torch.Tensor:
         device = _ov_device(query)
         _check_caches(key_cache, value_cache, query.dtype)
-        self.write_kv(key, value, key_cache, value_cache, slot_mapping)
         num_tokens, num_heads, head_size = query.shape
         model = compiled_model(ModelKey(device, query.dtype, num_heads, key.shape[1],
                                         head_size))
         if key_cache.shape[2] != model.block_size:
             raise ValueError(f"key_cache block size {key_cache.shape[2]}: OpenVINO's "
                              f"{device} plugin runs only block_size {model.block_size}")
+        self.write_kv(key, value, key_cache, value_cache, slot_mapping)
         out = torch.empty_like(query)
         if num_tokens == 0:
             return out

@@ -24,6 +24,13 @@ def test_xpu_is_unavailable_without_an_intel_gpu_and_says_so():
         platform.memory_info()
 
 
+@pytest.mark.skipif(HAS_INTEL_GPU, reason="an Intel GPU is present here")
+def test_llm_on_xpu_without_an_intel_gpu_fails_naming_it():
+    from engine import LLM
+    with pytest.raises(ValueError, match=r"device='xpu': no Intel GPU"):
+        LLM("no-model-needed-to-fail", device="xpu")
+
+
 def test_reason_names_the_intel_gpu_when_torch_has_no_xpu_module(monkeypatch):
     monkeypatch.delattr(torch, "xpu")
     platform = XpuPlatform()

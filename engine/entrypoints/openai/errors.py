@@ -18,8 +18,6 @@ from starlette.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-                404: "invalid_request_error", 405: "invalid_request_error"}
 # Engine messages about the prompt's token ids concern the request's prompt.
 _PARAM_ALIASES = {"prompt_token_ids": "prompt"}
 
@@ -50,8 +48,7 @@ def invalid_value(err: ValueError, fields: set[str]) -> OpenAIError:
 
 def error_response(status_code: int, message: str, param: Optional[str] = None,
                    code: Optional[str] = None) -> JSONResponse:
-    error_type = _ERROR_TYPES.get(status_code,
-                                  "server_error" if status_code >= 500 else "invalid_request_error")
+    error_type = "server_error" if status_code >= 500 else "invalid_request_error"
     return JSONResponse(status_code=status_code, content={"error": {
         "message": message, "type": error_type, "param": param, "code": code}})
 

@@ -157,19 +157,26 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class ChoiceBase(BaseModel):
     index: int
-    text: str
-    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
+    stop_reason: Union[int, str, None] = None  # the stop string or token id that matched
 
 
-class CompletionResponse(BaseModel):
+class ResponseBase(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+
+
+class CompletionChoice(ChoiceBase):
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+
+
+class CompletionResponse(ResponseBase):
+    """A whole response, or with stream=true one chunk of it."""
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Optional[UsageInfo] = None
 
@@ -193,19 +200,13 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(ChoiceBase):
     message: AssistantMessage
     logprobs: Optional[ChatChoiceLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(ResponseBase):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
     usage: UsageInfo
 
@@ -220,19 +221,13 @@ class DeltaMessage(BaseModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
-class ChatStreamChoice(BaseModel):
-    index: int
+class ChatStreamChoice(ChoiceBase):
     delta: DeltaMessage
     logprobs: Optional[ChatChoiceLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(ResponseBase):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatStreamChoice]
     usage: Optional[UsageInfo] = None
 

@@ -19,8 +19,8 @@ from engine.entrypoints.openai.errors import bad_request, error_event
 from engine.entrypoints.openai.protocol import AssistantMessage, ChatChoice, \
     ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, \
     ChatStreamChoice, DeltaMessage, TokenLogprob, TopLogprob
-from engine.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, collect_final, \
-    run_until_disconnected, sse_event, sse_response, usage
+from engine.entrypoints.openai.serving_engine import SSE_DONE, EventStreamResponse, \
+    OpenAIServing, collect_final, sse_event, usage
 from engine.entrypoints.stream_delta import DeltaTracker
 from engine.outputs import RequestOutput, SampleLogprobs
 from engine.sampling_params import SamplingParams
@@ -41,9 +41,9 @@ class OpenAIServingChat(OpenAIServing):
             fan_out(request_id, {"prompt_token_ids": prompt_token_ids}, params), _FIELDS)
         head = {"id": request_id, "created": int(time.time()), "model": model_name}
         if request.stream:
-            return sse_response(self._events(request, params, head, stream,
-                                             len(prompt_token_ids)))
-        finals = await run_until_disconnected(raw_request, collect_final(stream, params.n))
+            events = self._events(request, params, head, stream, len(prompt_token_ids))
+            return EventStreamResponse(events, stream)
+        finals = await collect_final(raw_request, stream, params.n)
         choices = [ChatChoice(
             index=index, message=AssistantMessage(content=final.outputs[0].text),
             logprobs=self._logprobs(final.outputs[0].token_ids, final.outputs[0].logprobs,

@@ -19,8 +19,8 @@ from engine.async_engine import RequestStream, fan_out
 from engine.entrypoints.openai.errors import bad_request, error_event
 from engine.entrypoints.openai.protocol import CompletionChoice, CompletionLogprobs, \
     CompletionRequest, CompletionResponse
-from engine.entrypoints.openai.serving_engine import SSE_DONE, OpenAIServing, collect_final, \
-    run_until_disconnected, sse_event, sse_response, usage
+from engine.entrypoints.openai.serving_engine import SSE_DONE, EventStreamResponse, \
+    OpenAIServing, collect_final, sse_event, usage
 from engine.entrypoints.stream_delta import DeltaTracker
 from engine.outputs import RequestOutput, SampleLogprobs
 from engine.sampling_params import SamplingParams
@@ -73,9 +73,8 @@ class OpenAIServingCompletion(OpenAIServing):
                         "prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, params)]
         stream = await self.add_requests(requests, _FIELDS)
         if request.stream:
-            return sse_response(self._events(batch, stream))
-        finals = await run_until_disconnected(raw_request,
-                                              collect_final(stream, batch.num_choices))
+            return EventStreamResponse(self._events(batch, stream), stream)
+        finals = await collect_final(raw_request, stream, batch.num_choices)
         return JSONResponse(self._response(batch, finals).model_dump())
 
     def _prompts(self, request: CompletionRequest) -> list[_Prompt]:

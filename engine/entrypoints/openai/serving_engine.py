@@ -1,5 +1,5 @@
 """What the completion and chat endpoints share: model check, prompt checks, request
-submission, client-disconnect handling and server-sent events.
+submission, collecting results unless the client leaves, and server-sent events.
 
 The server tokenizes on the event loop with its own copy of the tokenizer: a
 Rust tokenizer used from two threads at once (the engine thread detokenizes)
@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Optional, TypeVar
+from collections.abc import AsyncGenerator, Sequence
+from typing import Optional
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -25,7 +25,6 @@ from engine.entrypoints.openai.protocol import SamplingRequest, UsageInfo
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
-T = TypeVar("T")
 SSE_DONE = "data: [DONE]\n\n"
 
 
@@ -92,13 +91,30 @@ def usage(prompt_lengths: Sequence[int], finals: Sequence[RequestOutput]) -> Usa
                      total_tokens=prompt_tokens + completion_tokens)
 
 
-async def collect_final(stream: RequestStream, count: int) -> list[RequestOutput]:
-    """The last output of each of the `count` requests of `stream`, by index."""
-    finals: list[Optional[RequestOutput]] = [None] * count
-    async with stream:
+async def collect_final(raw_request: Request, stream: RequestStream,
+                        count: int) -> list[RequestOutput]:
+    """The last output of each of the `count` requests of `stream`, by index.
+
+    If the client leaves first, its requests are aborted and nobody gets an answer.
+    """
+    async def collect() -> list[RequestOutput]:
+        finals: list[Optional[RequestOutput]] = [None] * count
         async for index, output in stream:
             finals[index] = output
-    return finals
+        return finals
+
+    task = asyncio.ensure_future(collect())
+    watcher = asyncio.ensure_future(_client_gone(raw_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        stream.abort()
+        if not task.done():
+            task.cancel()
+    if not task.done():
+        raise OpenAIError(499, "the client closed the connection")
+    return task.result()
 
 
 async def _client_gone(raw_request: Request) -> None:
@@ -106,25 +122,26 @@ async def _client_gone(raw_request: Request) -> None:
         pass
 
 
-async def run_until_disconnected(raw_request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (so its requests are aborted) if the client leaves."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_client_gone(raw_request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise OpenAIError(499, "the client closed the connection")
-    return task.result()
-
-
 def sse_event(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events that abort their requests however the response ends.
+
+    A client that leaves cancels the send, leaving the event generator suspended
+    (or never started): it is closed and the requests aborted at once, not
+    whenever the generator is garbage-collected.
+    """
+
+    def __init__(self, events: AsyncGenerator[str, None], stream: RequestStream):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.abort()
+            await self.body_iterator.aclose()

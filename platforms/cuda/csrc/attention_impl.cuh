@@ -66,7 +66,8 @@ cudaError_t run_decode(const AttentionParams& p, bool use_tensor_cores, cudaStre
       if (use_tensor_cores) {
         using S = DecodeMmaShape<HEAD>;
         const dim3 grid(p.num_tokens * p.num_kv_heads * ((group + 15) / 16), p.num_splits);
-        return launch_kernel(decode_mma_kernel<T, HEAD>, grid, S::kThreads, S::kSmemBytes, stream, p);
+        return launch_kernel(decode_mma_kernel<T, HEAD>, grid, S::kThreads, S::kSmemBytes,
+                             stream, p);
       }
     }
     using S = DecodeSimpleShape<HEAD>;
@@ -90,7 +91,8 @@ cudaError_t run_prefill(const AttentionParams& p, int max_query_len, cudaStream_
       using S = PrefillShape<HEAD>;
       const int row_tiles = (max_query_len * group + S::kRowsM - 1) / S::kRowsM;
       const dim3 grid(row_tiles, p.num_seqs, p.num_kv_heads);
-      return launch_kernel(prefill_mma_kernel<T, HEAD>, grid, S::kThreads, S::kSmemBytes, stream, p);
+      return launch_kernel(prefill_mma_kernel<T, HEAD>, grid, S::kThreads, S::kSmemBytes,
+                           stream, p);
     });
   }
 }

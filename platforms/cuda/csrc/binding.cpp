@@ -28,7 +28,8 @@ void check_launch(cudaError_t err, const char* what) {
 
 void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
               at::Tensor& value_cache, const at::Tensor& slot_mapping) {
-  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(),
+              "caches must be contiguous");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, "slot_mapping must be int64");
   const c10::cuda::CUDAGuard guard(key.device());
   pagedllm::WriteKvParams p{};

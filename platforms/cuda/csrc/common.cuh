@@ -151,8 +151,10 @@ __device__ __forceinline__ QueryToken locate_token(const AttentionParams& p, int
   const int seq = p.tokens_are_seqs ? token : find_seq(p.query_start_loc, p.num_seqs, token);
   const int q_start = p.query_start_loc[seq];
   const int q_len = p.query_start_loc[seq + 1] - q_start;
-  // The i-th of q_len new tokens sits at seq_len - q_len + i.
-  return {seq, p.seq_lens[seq] - q_len + (token - q_start) + 1};
+  // The i-th of q_len new tokens sits at seq_len - q_len + i. The min keeps
+  // block-table reads inside seq_len even under a wrong max_query_len hint.
+  const int seq_len = p.seq_lens[seq];
+  return {seq, min(seq_len, seq_len - q_len + (token - q_start) + 1)};
 }
 
 // Element offset of (token position, kv head) in an NHD cache, or -1 when the
@@ -189,8 +191,8 @@ __device__ __forceinline__ void write_empty_split(const AttentionParams& p, int 
                                                   int num_rows, int split) {
   if (p.num_splits == 1) return;  // only reachable with seq_len < query length
   for (int r = threadIdx.x; r < num_rows; r += blockDim.x) {
-    float* ml = p.partial_ml +
-                ((static_cast<int64_t>(token) * p.num_heads + head0 + r) * p.num_splits + split) * 2;
+    const int64_t row = static_cast<int64_t>(token) * p.num_heads + head0 + r;
+    float* ml = p.partial_ml + (row * p.num_splits + split) * 2;
     ml[0] = -INFINITY;
     ml[1] = 0.f;
   }

@@ -138,7 +138,9 @@ __device__ __forceinline__ void stream_tiles(const AttentionParams& p, const T* 
 #pragma unroll
   for (int s = 0; s < S::kStages - 1; ++s) {
     const int tile = warp + s * S::kWarps;
-    if (tile < num_tiles) load_tile_async<T, HEAD>(p, ring + s * S::kStageElems, row_offset(tile), lane);
+    if (tile < num_tiles) {
+      load_tile_async<T, HEAD>(p, ring + s * S::kStageElems, row_offset(tile), lane);
+    }
     cp_async_commit();
   }
   constexpr int kAhead = (S::kStages - 1) * S::kWarps;
@@ -190,7 +192,9 @@ __global__ void __launch_bounds__(DecodeMmaShape<HEAD>::kThreads)
   for (int c = threadIdx.x; c < 16 * S::kChunks; c += S::kThreads) {
     const int r = c / S::kChunks, chunk = c % S::kChunks;
     uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < num_rows) v = reinterpret_cast<const uint4*>(query + (head0 + r) * p.query_stride_head)[chunk];
+    if (r < num_rows) {
+      v = reinterpret_cast<const uint4*>(query + (head0 + r) * p.query_stride_head)[chunk];
+    }
     *reinterpret_cast<uint4*>(q_smem + r * S::kRow + chunk * 8) = v;
   }
   __syncthreads();

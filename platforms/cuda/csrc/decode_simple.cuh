@@ -18,7 +18,8 @@ struct DecodeSimpleShape {
 };
 
 template <typename T, int HEAD>
-__device__ __forceinline__ void load_row(const T* src, int lane, float (&dst)[DecodeSimpleShape<HEAD>::kPerLane]) {
+__device__ __forceinline__ void load_row(const T* src, int lane,
+                                         float (&dst)[DecodeSimpleShape<HEAD>::kPerLane]) {
 #pragma unroll
   for (int i = 0; i < DecodeSimpleShape<HEAD>::kPerLane; ++i) {
     const int d = lane + i * kWarpSize;

@@ -96,7 +96,9 @@ __device__ __forceinline__ void softmax_update(float (&s)[8][4], float (&m)[2], 
   for (int r = 0; r < 2; ++r) {
     float tile_max = -INFINITY;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    for (int nt = 0; nt < 8; ++nt) {
+      tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    }
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
     const float m_new = fmaxf(m[r], tile_max);
@@ -186,7 +188,8 @@ __global__ void __launch_bounds__(PrefillShape<HEAD>::kThreads, PrefillShape<HEA
   if constexpr (S::kQFragments == HEAD / 16) {
 #pragma unroll
     for (int ks = 0; ks < HEAD / 16; ++ks) {
-      ldmatrix_x4<false>(q_frag[ks], q_rows + a_frag_row(lane) * S::kRow + ks * 16 + a_frag_col(lane));
+      ldmatrix_x4<false>(q_frag[ks],
+                         q_rows + a_frag_row(lane) * S::kRow + ks * 16 + a_frag_col(lane));
     }
   }
   for (int tile = 0; tile < num_tiles; ++tile) {
