@@ -44,8 +44,8 @@ def random_prompts(vocab_size: int, num_prompts: int, input_len: int,
 
 
 def bench_pagedllm(model_dir: str, prompts, warmup_prompts, output_len: int,
-                   device: str) -> float:
-    llm = LLM(model=model_dir, device=device, dtype="float32")
+                   device: str, dtype: str) -> float:
+    llm = LLM(model=model_dir, device=device, dtype=dtype)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     # Warm up on other prompts: the timed ones must not hit the prefix cache.
     llm.generate([{"prompt_token_ids": p} for p in warmup_prompts], params, use_tqdm=False)
@@ -59,8 +59,9 @@ def bench_pagedllm(model_dir: str, prompts, warmup_prompts, output_len: int,
 
 @torch.inference_mode()
 def bench_hf(model_dir: str, prompts, warmup_prompts, output_len: int, batch_size: int,
-             device: str) -> float:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+             device: str, dtype: str) -> float:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
@@ -90,6 +91,8 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and activations of both engines")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both (default: torch's choice)")
     args = parser.parse_args()
@@ -105,11 +108,12 @@ def main() -> None:
             vocab_size = len(AutoTokenizer.from_pretrained(model_dir))
             prompts = random_prompts(vocab_size, args.num_prompts, args.input_len)
             warmup = random_prompts(vocab_size, 2, args.input_len, seed=1)
-            ours = bench_pagedllm(model_dir, prompts, warmup, args.output_len, args.device)
+            ours = bench_pagedllm(model_dir, prompts, warmup, args.output_len, args.device,
+                                  args.dtype)
             hf = bench_hf(model_dir, prompts, warmup, args.output_len, args.hf_batch_size,
-                          args.device)
+                          args.device, args.dtype)
             print(f"{name}: {args.num_prompts} prompts x {args.input_len} in / "
-                  f"{args.output_len} out, threads={torch.get_num_threads()}: "
+                  f"{args.output_len} out, {args.dtype}, threads={torch.get_num_threads()}: "
                   f"pagedllm {ours:.1f} tok/s, HF generate (batch {args.hf_batch_size}) "
                   f"{hf:.1f} tok/s, ratio {ours / hf:.2f}x", flush=True)
 
