@@ -30,7 +30,8 @@ ENGINE_ARGS = {
     "max-num-batched-tokens": (int, None, "most tokens in one step"),
     "gpu-memory-utilization": (float, 0.9, "fraction of GPU memory the engine may use"),
     "num-gpu-blocks-override": (int, None, "number of KV blocks, overriding the sizing"),
-    "kv-cache-memory": (int, None, "KV cache bytes on CPU (default 2 GiB)"),
+    "kv-cache-memory": (int, None, "KV cache bytes (CPU default 2 GiB; on GPUs it replaces "
+                        "the gpu-memory-utilization sizing)"),
     "attention-backend": (str, None, "attention backend of the platform; default its fastest"),
 }
 

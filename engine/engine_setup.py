@@ -92,7 +92,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     dtype = platform_dtype(config.dtype, hf_config, platform)
     model, hf_config = load_model(model_dir, dtype, platform.torch_device(), attn_backend)
     model.eval()
-    runner = ModelRunner(config, platform, attn_backend, model, hf_config.vocab_size)
+    runner = ModelRunner(config, platform, attn_backend, model)
     num_blocks = runner.initialize_kv_cache()
     kv_cache_manager = KVCacheManager(num_blocks, config.block_size,
                                       config.enable_prefix_caching)

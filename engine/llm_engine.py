@@ -8,7 +8,6 @@ ValueError naming the field; requests already in flight are unaffected.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -20,8 +19,6 @@ from engine.engine_setup import build_engine_parts
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
 
 #: a prompt: text, or {"prompt_token_ids": [...]} (optionally with "prompt" text)
 PromptType = Union[str, dict]

@@ -20,6 +20,7 @@ import torch
 
 from engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from engine.sampler import Sampler, SamplingMetadata
+from engine.sampling_params import SamplingParams
 from engine.step_inputs import StepInputs, dummy_step_inputs, prepare_step_inputs
 
 logger = logging.getLogger(__name__)
@@ -39,13 +40,11 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, platform, attn_backend, model: torch.nn.Module,
-                 vocab_size: int):
+    def __init__(self, config: EngineConfig, platform, attn_backend, model: torch.nn.Module):
         self.config = config
         self.platform = platform
         self.attn_backend = attn_backend
         self.model = model
-        self.vocab_size = vocab_size
         self.device = platform.torch_device()
         self.dtype = next(model.parameters()).dtype
         self.sampler = Sampler()
@@ -76,43 +75,49 @@ class ModelRunner:
                 for _ in range(self.model.num_layers)]
 
     def determine_num_blocks(self) -> int:
-        """Size the KV pool: override > device memory budget (GPU) > kv_cache_memory (CPU)."""
+        """Size the KV pool.
+
+        num_gpu_blocks_override wins; else kv_cache_memory bytes when given
+        (the CPU default is 2 GiB); else, on accelerators, what
+        gpu_memory_utilization leaves after a profiling forward. Never more
+        than max_num_seqs sequences of max_model_len tokens need.
+        """
         cfg = self.config
         if cfg.num_gpu_blocks_override is not None:
             return cfg.num_gpu_blocks_override
         blocks_per_seq = -(-cfg.max_model_len // cfg.block_size)
-        enough = cfg.max_num_seqs * blocks_per_seq
-        if self.device.type == "cpu":
-            budget = cfg.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY
-            num_blocks = min(budget // self.block_bytes(), enough)
-            if num_blocks < blocks_per_seq:
-                raise ValueError(f"kv_cache_memory={budget} bytes holds {num_blocks} "
-                                 f"blocks, fewer than one max_model_len sequence needs "
-                                 f"({blocks_per_seq})")
-            return num_blocks
-        num_blocks = self._kv_budget_from_profile() // self.block_bytes()
+        if cfg.kv_cache_memory is not None or self.device.type == "cpu":
+            budget, field_name = cfg.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY, \
+                "kv_cache_memory"
+        else:
+            budget, field_name = self._kv_budget_from_profile(), "gpu_memory_utilization"
+        num_blocks = min(budget // self.block_bytes(), cfg.max_num_seqs * blocks_per_seq)
         if num_blocks < blocks_per_seq:
-            raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves "
-                             f"room for {num_blocks} KV blocks, fewer than one "
-                             f"max_model_len sequence needs ({blocks_per_seq})")
+            raise ValueError(f"{field_name}: the KV cache budget of {budget} bytes holds "
+                             f"{num_blocks} blocks, fewer than one max_model_len sequence "
+                             f"needs ({blocks_per_seq})")
         return num_blocks
 
     def _kv_budget_from_profile(self) -> int:
-        """Bytes left for KV after weights, the peak activations of a full batch and others."""
+        """Bytes left for KV after weights, others' use and a full step's activation peak."""
         accel = getattr(torch, self.device.type)
         accel.synchronize()
         accel.reset_peak_memory_stats()
         baseline = accel.memory_allocated()
         inputs = dummy_step_inputs(self.config, self.device)
-        scratch_blocks = int(inputs.num_blocks_needed)
-        caches = self._allocate(scratch_blocks)
-        cache_bytes = scratch_blocks * self.block_bytes()
+        caches = self._allocate(inputs.num_blocks_needed)
         with torch.inference_mode():
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, caches)
-            self.model.compute_logits(hidden[inputs.logits_indices])
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            num_rows = logits.shape[0]
+            # Random sampling is the sampler's most memory-hungry path.
+            self.sampler(logits, SamplingMetadata.build(
+                [SamplingParams()] * num_rows, [[0]] * num_rows, [[]] * num_rows,
+                [None] * num_rows, self.device, logits.shape[-1]))
         accel.synchronize()
-        activation_peak = accel.max_memory_allocated() - baseline - cache_bytes
-        del caches, hidden
+        activation_peak = (accel.max_memory_allocated() - baseline
+                           - inputs.num_blocks_needed * self.block_bytes())
+        del caches, hidden, logits
         accel.empty_cache()
         total, free = self.platform.memory_info()
         budget = int(total * self.config.gpu_memory_utilization) - (total - free) \

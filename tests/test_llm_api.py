@@ -16,19 +16,13 @@ import torch
 from engine import LLM, CompletionOutput, RequestOutput, SamplingParams
 from engine.cli import main as cli_main
 from engine.request import RequestStatus
+from cpu_threads import single_torch_thread  # noqa: F401
 from tiny_models import tiny_model_factory  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 PROMPTS = ["The capital of France is", "Hello", "def add(a, b):\n", "Once upon a time there"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matmuls gain nothing from threads; OpenMP spinning on shared cores hurts."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 @pytest.fixture(scope="module")

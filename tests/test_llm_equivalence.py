@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from cpu_threads import single_torch_thread  # noqa: F401
 from tiny_models import TINY_MODELS, hf_reference_model, tiny_model_factory  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 TEXT_PROMPTS = [
     "The capital of France is",
@@ -36,16 +39,6 @@ VARIANTS = {
     "block-size-8": (dict(block_size=8), None),
     "block-size-32": (dict(block_size=32), None),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matmuls gain nothing from threads, and OpenMP spinning on shared CI
-    cores makes them ten times slower; restore the setting afterwards."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 def make_prompts(vocab_size: int, seed: int) -> tuple[list, list[SamplingParams]]:

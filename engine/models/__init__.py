@@ -4,13 +4,18 @@ Every class follows the engine API (`engine.models.base.CausalLM`):
 `Model(config, attn_backend)`, `forward(input_ids [T], positions [T], attn,
 kv_caches) -> hidden [T, hidden_size]`, `compute_logits(hidden) -> float32
 logits`, `load_weights(iterable of (HF name, tensor))`, and the KV cache sizes
-`num_layers`, `num_kv_heads`, `head_size`.
+`num_layers`, `num_kv_heads`, `head_size`. Under tensor parallelism a model
+built on a rank holds that rank's shard (`engine.models.parallel_layers`);
+`num_kv_heads` is then the rank's share, the heads its KV cache holds.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from engine.distributed.parallel_state import planned_tp_group
 from engine.models.base import CausalLM
 from engine.models.gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from engine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
@@ -37,4 +42,16 @@ def get_model_class(hf_config: Any) -> type[CausalLM]:
                      f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-__all__ = ["CausalLM", "SUPPORTED_ARCHITECTURES", "get_model_class"]
+def check_tensor_parallel(hf_config: Any, tensor_parallel_size: int,
+                          attn_backend: Any) -> None:
+    """ValueError naming the field when the model cannot be split over that many ranks.
+
+    Builds rank 0's shard on the meta device (no memory, no processes):
+    exactly the checks loading runs, before any worker starts.
+    """
+    model_class = get_model_class(hf_config)
+    with planned_tp_group(tensor_parallel_size), torch.device("meta"):
+        model_class(hf_config, attn_backend)
+
+
+__all__ = ["CausalLM", "SUPPORTED_ARCHITECTURES", "check_tensor_parallel", "get_model_class"]

@@ -4,6 +4,8 @@ A model maps each Hugging Face checkpoint tensor to its own parameters with
 `checkpoint_to_params` (renames, transposes, splits of fused tensors into the
 parts of a `PackedLinear`); `load_weights` copies the pieces in and checks that
 every parameter (every part of a packed one) was filled exactly as shaped.
+Sharded layers (`engine.models.parallel_layers`) copy only the slice of each
+whole checkpoint tensor that their tensor-parallel rank holds.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from engine.models.layers import PackedLinear
+from engine.models.parallel_layers import ShardedLayer, VocabParallelEmbedding
 
 #: (parameter name, part of a PackedLinear or None, tensor to copy in)
 ParamPiece = tuple[str, Optional[str], torch.Tensor]
@@ -32,7 +33,7 @@ class CausalLM(nn.Module, abc.ABC):
     num_layers: int
     num_kv_heads: int
     head_size: int
-    lm_head: Optional[nn.Linear]
+    lm_head: Optional[VocabParallelEmbedding]
 
     def __init__(self, config: Any):
         super().__init__()
@@ -40,7 +41,7 @@ class CausalLM(nn.Module, abc.ABC):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
 
     @abc.abstractmethod
-    def input_embedding(self) -> nn.Embedding:
+    def input_embedding(self) -> VocabParallelEmbedding:
         """The token embedding (also the output projection when tied)."""
 
     @abc.abstractmethod
@@ -53,9 +54,9 @@ class CausalLM(nn.Module, abc.ABC):
                              f"{self.num_layers} layers")
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden [N, hidden_size]` -> `logits [N, vocab_size]` float32."""
-        weight = self.input_embedding().weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        """`hidden [N, hidden_size]` -> `logits [N, vocab_size]` float32 (on every rank)."""
+        head = self.input_embedding() if self.lm_head is None else self.lm_head
+        return head.logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors in; ValueError on unknown or missing ones."""
@@ -78,8 +79,9 @@ class CausalLM(nn.Module, abc.ABC):
 
     def _copy_piece(self, param_name: str, param: nn.Parameter, part: Optional[str],
                     piece: torch.Tensor) -> None:
-        if part is not None:
-            self._owner(param_name).load_part(param, part, piece)
+        owner = self._owner(param_name)
+        if isinstance(owner, ShardedLayer):
+            owner.load_checkpoint(param, part, piece)
             return
         if param.shape != piece.shape:
             raise ValueError(f"checkpoint tensor for {param_name!r} has shape "
@@ -90,8 +92,6 @@ class CausalLM(nn.Module, abc.ABC):
         expected: set[tuple[str, Optional[str]]] = set()
         for name in params:
             owner = self._owner(name)
-            if isinstance(owner, PackedLinear):
-                expected.update((name, part) for part in owner.part_offsets)
-            else:
-                expected.add((name, None))
+            parts = owner.checkpoint_parts() if isinstance(owner, ShardedLayer) else (None,)
+            expected.update((name, part) for part in parts)
         return expected

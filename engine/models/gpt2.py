@@ -10,6 +10,11 @@ Parameters (E hidden size, H heads, KVH kv heads, D = E / H):
 `attn.c_proj.weight [E, E]`, `mlp.c_fc.weight [inner, E]`, `mlp.c_proj.weight [E, inner]`.
 GPT-2's Conv1D tensors are transposed on load, and BigCode's multi-head c_attn
 (stored per head as `[q_h | k_h | v_h]`) is regrouped into that layout.
+
+Tensor parallelism (Megatron): c_attn and mlp.c_fc are column-parallel (whole
+heads per rank; BigCode's single kv head is replicated), the two c_proj
+row-parallel, wte and the LM head vocabulary-parallel, wpe replicated; the
+shapes above are then this rank's share.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
 from engine.models.base import CausalLM, ParamPiece
-from engine.models.layers import PackedLinear, PagedAttention, activation
+from engine.models.layers import PagedAttention, activation
+from engine.models.parallel_layers import (ColumnParallelLinear, PackedLinear,
+                                           RowParallelLinear, RowShard,
+                                           VocabParallelEmbedding, shard_heads)
 from platforms.interface import AttentionBackend
 
 _CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")
@@ -33,15 +41,15 @@ class GPT2Attention(nn.Module):
         super().__init__()
         hidden_size, num_heads = config.hidden_size, config.num_attention_heads
         head_size = hidden_size // num_heads
-        kv_size = num_kv_heads * head_size
-        self.qkv_sizes = [hidden_size, kv_size, kv_size]
-        self.c_attn = PackedLinear(hidden_size, {"q": hidden_size, "k": kv_size, "v": kv_size},
-                                   bias=True)
-        self.c_proj = nn.Linear(hidden_size, hidden_size, bias=True)
+        heads = shard_heads(num_heads, num_kv_heads, head_size)
+        self.qkv_sizes = [heads.q_rows.size, heads.kv_rows.size, heads.kv_rows.size]
+        self.c_attn = PackedLinear(
+            hidden_size, {"q": heads.q_rows, "k": heads.kv_rows, "v": heads.kv_rows}, bias=True)
+        self.c_proj = RowParallelLinear(heads.q_rows, hidden_size, bias=True)
         scale = head_size ** -0.5 if config.scale_attn_weights else 1.0
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= layer_idx + 1
-        self.attn = PagedAttention(backend, num_heads, num_kv_heads, head_size, scale)
+        self.attn = PagedAttention(backend, heads.num_heads, heads.num_kv_heads, head_size, scale)
 
     def forward(self, hidden: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 attn: AttentionMetadata) -> torch.Tensor:
@@ -52,9 +60,10 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
-        inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
-        self.c_fc = nn.Linear(config.hidden_size, inner, bias=True)
-        self.c_proj = nn.Linear(inner, config.hidden_size, bias=True)
+        rows = RowShard.split(getattr(config, "n_inner", None) or 4 * config.hidden_size,
+                              "n_inner")
+        self.c_fc = ColumnParallelLinear(config.hidden_size, rows, bias=True)
+        self.c_proj = RowParallelLinear(rows, config.hidden_size, bias=True)
         self.act = activation(config, "activation_function")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +89,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config: Any, num_kv_heads: int, backend: AttentionBackend):
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i, num_kv_heads, backend)
                                for i in range(config.num_hidden_layers))
@@ -96,18 +105,18 @@ class GPT2LMHeadModel(CausalLM):
     def __init__(self, config: Any, attn_backend: AttentionBackend):
         super().__init__(config)
         self.num_layers = config.num_hidden_layers
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = self.kv_heads(config)
         self.head_size = config.hidden_size // config.num_attention_heads
-        self.transformer = GPT2Model(config, self.num_kv_heads, attn_backend)
+        self.transformer = GPT2Model(config, self.kv_heads(config), attn_backend)
+        self.num_kv_heads = shard_heads(config.num_attention_heads, self.kv_heads(config),
+                                        self.head_size).num_kv_heads
         self.lm_head = (None if self.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+                        else VocabParallelEmbedding(config.vocab_size, config.hidden_size))
 
     @staticmethod
     def kv_heads(config: Any) -> int:
         return config.num_attention_heads
 
-    def input_embedding(self) -> nn.Embedding:
+    def input_embedding(self) -> VocabParallelEmbedding:
         return self.transformer.wte
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -121,8 +130,8 @@ class GPT2LMHeadModel(CausalLM):
         return self.transformer.ln_f(hidden)
 
     def split_qkv(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A checkpoint c_attn weight `[q+k+v, E]` or bias -> its q, k, v parts."""
-        kv_size = self.num_kv_heads * self.head_size
+        """A whole checkpoint c_attn weight `[q+k+v, E]` or bias -> its q, k, v parts."""
+        kv_size = self.kv_heads(self.config) * self.head_size
         return tensor.split([self.config.hidden_size, kv_size, kv_size], dim=0)
 
     def checkpoint_to_params(self, name: str, tensor: torch.Tensor) -> list[ParamPiece]:
@@ -155,6 +164,6 @@ class GPTBigCodeForCausalLM(GPT2LMHeadModel):
         if self.config.multi_query:
             return super().split_qkv(tensor)
         # Multi-head BigCode stores c_attn per head: [H, (q | k | v), D, ...].
-        rest = tensor.shape[1:]
-        per_head = tensor.view(self.num_heads, 3, self.head_size, *rest)
-        return per_head.transpose(0, 1).reshape(3, self.num_heads * self.head_size, *rest).unbind(0)
+        num_heads, rest = self.config.num_attention_heads, tensor.shape[1:]
+        per_head = tensor.view(num_heads, 3, self.head_size, *rest)
+        return per_head.transpose(0, 1).reshape(3, num_heads * self.head_size, *rest).unbind(0)

@@ -1,16 +1,15 @@
-"""Building blocks shared by the native models: norms, rotary, packed linears, attention.
+"""Building blocks shared by the native models: norms, rotary, attention, activations.
 
 Every activation is packed over the sequences of a step: `hidden [T, hidden_size]`
 with T the number of new tokens (no padding, no batch dimension).
 
-Packed projections (`PackedLinear`) stack several logical projections along the
-output dimension so one GEMM computes them all. The layout is documented per
-instance by `part_sizes` (in order), e.g. `qkv_proj.weight
+The linear layers and embeddings live in `engine.models.parallel_layers`:
+packed projections stack several logical projections along the output
+dimension so one GEMM computes them all, e.g. `qkv_proj.weight
 [(H + 2 * KVH) * D, hidden]` = rows `[q (H*D) | k (KVH*D) | v (KVH*D)]` and
-`gate_up_proj.weight [2 * I, hidden]` = rows `[gate (I) | up (I)]`. Megatron-style
-tensor parallelism shards each logical part by rows (column-parallel), keeping
-whole heads per rank, and the output projections (o_proj / down_proj / c_proj)
-by columns (row-parallel).
+`gate_up_proj.weight [2 * I, hidden]` = rows `[gate (I) | up (I)]`; under
+tensor parallelism each rank holds its slice of every part (whole heads),
+so the same layout holds per rank with the local H, KVH and I.
 """
 
 from __future__ import annotations
@@ -41,31 +40,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-class PackedLinear(nn.Linear):
-    """A Linear whose output rows are several named projections stacked in order.
-
-    `part_sizes` maps each part's name (as the checkpoint names it, e.g. "q",
-    "k", "v") to its number of output rows; `load_part` copies one part of
-    the weight or bias from its own checkpoint tensor.
-    """
-
-    def __init__(self, in_features: int, part_sizes: dict[str, int], bias: bool):
-        super().__init__(in_features, sum(part_sizes.values()), bias=bias)
-        self.part_offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name, size in part_sizes.items():
-            self.part_offsets[name] = (offset, size)
-            offset += size
-
-    def load_part(self, param: nn.Parameter, part: str, tensor: torch.Tensor) -> None:
-        offset, size = self.part_offsets[part]
-        target = param.data.narrow(0, offset, size)
-        if target.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor for part {part!r} has shape "
-                             f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
-        target.copy_(tensor)
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:

@@ -15,6 +15,11 @@ Parameters (H heads, KVH kv heads, D head size, I intermediate size):
 rows `[gate | up]`, `mlp.down_proj.weight [hidden, I]`. Checkpoint tensors keep
 their HF names (`q_proj`, `k_proj`, `v_proj`, `gate_proj`, `up_proj`) and are
 copied into those parts.
+
+Tensor parallelism (Megatron): qkv_proj and gate_up_proj are column-parallel,
+o_proj and down_proj row-parallel, the embedding and LM head
+vocabulary-parallel; H, KVH and I above are then this rank's share (kv heads
+are replicated when there are fewer of them than ranks).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
 from engine.models.base import CausalLM, ParamPiece
-from engine.models.layers import (PackedLinear, PagedAttention, RMSNorm, RotaryEmbedding,
-                                  activation, apply_rotary)
+from engine.models.layers import (PagedAttention, RMSNorm, RotaryEmbedding, activation,
+                                  apply_rotary)
+from engine.models.parallel_layers import (PackedLinear, RowParallelLinear, RowShard,
+                                           VocabParallelEmbedding, shard_heads)
 from platforms.interface import AttentionBackend
 
 # HF projection name -> (our packed projection, its part)
@@ -57,14 +64,15 @@ def head_size_of(config: Any) -> int:
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, flags: LlamaFlags, backend: AttentionBackend):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_size = head_size_of(config)
-        q_size, kv_size = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
-        self.qkv_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = PackedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
-                                     bias=flags.qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=flags.o_bias)
+        heads = shard_heads(config.num_attention_heads, config.num_key_value_heads,
+                            self.head_size)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+        self.qkv_sizes = [heads.q_rows.size, heads.kv_rows.size, heads.kv_rows.size]
+        self.qkv_proj = PackedLinear(
+            config.hidden_size, {"q": heads.q_rows, "k": heads.kv_rows, "v": heads.kv_rows},
+            bias=flags.qkv_bias)
+        self.o_proj = RowParallelLinear(heads.q_rows, config.hidden_size, bias=flags.o_bias)
         self.q_norm: Optional[RMSNorm] = None
         self.k_norm: Optional[RMSNorm] = None
         if flags.qk_norm:
@@ -89,10 +97,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: Any, flags: LlamaFlags):
         super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = PackedLinear(config.hidden_size, {"gate": size, "up": size},
+        rows = RowShard.split(config.intermediate_size, "intermediate_size")
+        self.gate_up_proj = PackedLinear(config.hidden_size, {"gate": rows, "up": rows},
                                          bias=flags.mlp_bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=flags.mlp_bias)
+        self.down_proj = RowParallelLinear(rows, config.hidden_size, bias=flags.mlp_bias)
         self.act_fn = activation(config, "hidden_act")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +126,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, flags: LlamaFlags, backend: AttentionBackend):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, flags, backend)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -131,11 +139,12 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(config)
         self.model = LlamaModel(config, self.flags(config), attn_backend)
         self.lm_head = (None if self.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
-        self.rotary = RotaryEmbedding(config, head_size_of(config))
-        self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = config.num_key_value_heads
+                        else VocabParallelEmbedding(config.vocab_size, config.hidden_size))
         self.head_size = head_size_of(config)
+        self.rotary = RotaryEmbedding(config, self.head_size)
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = shard_heads(config.num_attention_heads, config.num_key_value_heads,
+                                        self.head_size).num_kv_heads
 
     @staticmethod
     def flags(config: Any) -> LlamaFlags:
@@ -143,7 +152,7 @@ class LlamaForCausalLM(CausalLM):
         return LlamaFlags(qkv_bias=bias, o_bias=bias,
                           mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=False)
 
-    def input_embedding(self) -> nn.Embedding:
+    def input_embedding(self) -> VocabParallelEmbedding:
         return self.model.embed_tokens
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

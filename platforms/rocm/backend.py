@@ -14,45 +14,8 @@ import torch
 from platforms.interface import AttentionBackend
 from platforms.rocm import tuning
 from platforms.rocm.triton_attention import paged_attention
+from platforms.rocm.validation import check_forward_inputs
 from platforms.rocm.write_kv import write_kv
-
-
-def _check_inputs(query, key, value, key_cache, value_cache, slot_mapping, block_tables,
-                  seq_lens, query_start_loc, dtypes) -> None:
-    """Raise ValueError naming the first field that breaks the contract."""
-    if query.dim() != 3:
-        raise ValueError("query must be [num_tokens, num_heads, head_size], "
-                         f"got {tuple(query.shape)}")
-    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
-        raise ValueError("key_cache / value_cache must both be [num_blocks, block_size, "
-                         f"num_kv_heads, head_size], got {tuple(key_cache.shape)} and "
-                         f"{tuple(value_cache.shape)}")
-    num_tokens, num_heads, head_size = query.shape
-    num_kv_heads = key_cache.shape[2]
-    if key_cache.shape[3] != head_size:
-        raise ValueError(f"key_cache head_size {key_cache.shape[3]} != query head_size "
-                         f"{head_size}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"query num_heads {num_heads} is not a multiple of key_cache "
-                         f"num_kv_heads {num_kv_heads}")
-    for field, tensor in (("key", key), ("value", value)):
-        if tuple(tensor.shape) != (num_tokens, num_kv_heads, head_size):
-            raise ValueError(f"{field} must be {(num_tokens, num_kv_heads, head_size)}, "
-                             f"got {tuple(tensor.shape)}")
-    if query.dtype not in dtypes or key_cache.dtype != query.dtype:
-        raise ValueError(f"query dtype {query.dtype} and key_cache dtype {key_cache.dtype} must "
-                         f"match and be one of {list(dtypes)}")
-    if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
-        raise ValueError("query, key_cache and value_cache need a contiguous head_size dimension")
-    num_seqs = seq_lens.shape[0]
-    if tuple(slot_mapping.shape) != (num_tokens,):
-        raise ValueError(f"slot_mapping must be [{num_tokens}], got {tuple(slot_mapping.shape)}")
-    if tuple(query_start_loc.shape) != (num_seqs + 1,):
-        raise ValueError(f"query_start_loc must be [{num_seqs + 1}], "
-                         f"got {tuple(query_start_loc.shape)}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables must be [{num_seqs}, max_blocks], "
-                         f"got {tuple(block_tables.shape)}")
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -65,8 +28,9 @@ class TritonAttentionBackend(AttentionBackend):
                 block_tables, seq_lens, query_start_loc, scale,
                 max_seq_len: Optional[int] = None,
                 max_query_len: Optional[int] = None) -> torch.Tensor:
-        _check_inputs(query, key, value, key_cache, value_cache, slot_mapping, block_tables,
-                      seq_lens, query_start_loc, self.supported_dtypes)
+        check_forward_inputs(query, key, value, key_cache, value_cache, slot_mapping,
+                             block_tables, seq_lens, query_start_loc, scale,
+                             self.supported_dtypes)
         self.write_kv(key, value, key_cache, value_cache, slot_mapping)
         return self.attend(query, key_cache, value_cache, block_tables, seq_lens,
                            query_start_loc, scale, max_seq_len, max_query_len)

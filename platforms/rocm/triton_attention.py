@@ -2,8 +2,9 @@
 
 Layouts (the platform contract): `query [num_tokens, num_heads, head_size]`
 packed over sequences; `key_cache / value_cache [num_blocks, block_size,
-num_kv_heads, head_size]` (NHD); `block_tables [num_seqs, max_blocks]` int32;
-`seq_lens [num_seqs]` int32; `query_start_loc [num_seqs + 1]` int32.
+num_kv_heads, head_size]` (NHD); `block_tables [num_seqs, max_blocks]`,
+`seq_lens [num_seqs]`, `query_start_loc [num_seqs + 1]`, int32 (int64 works
+too: Triton compiles a variant per pointer type).
 
 Grid: (query tiles, kv heads, kv splits). A query tile is `block_q` tokens of
 one sequence times the `group` query heads sharing a KV head, flattened into

@@ -22,7 +22,7 @@ MIN_KEYS_PER_SPLIT = 256
 #: upper bound on KV splits (the reduction kernel holds them all in registers)
 MAX_KV_SPLITS = 16
 #: bytes of one K (or V) tile, e.g. 64 keys of 128 bf16 dims (on an H100 decode
-#: reached the same bandwidth with 64 and 128 such keys, and 12% more with
+#: reached the same bandwidth with 64 and 128 such keys, and 14% more with
 #: 128 keys than 64 at head_dim 64: benchmarks/RESULTS.md)
 KV_TILE_BYTES = 16 * 1024
 #: compute units assumed when the tensors are not on a GPU (interpreter runs)

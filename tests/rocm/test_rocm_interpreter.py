@@ -2,10 +2,10 @@
 
 Without a GPU the kernels run in the interpreter on CPU tensors (see
 conftest.py); with a CUDA device the same rows run compiled on it. The
-conformance matrix's own batches are too long for the interpreter (about a
-second per hundred key tiles), so these rows use short batches that still
-mix prefill, chunked prefill and decode, span several key tiles and pages,
-and end mid-page; `ci.batches` poisons everything a kernel must not read
+conformance matrix's own rows take the interpreter 1 to 25 s each on a
+2-core machine, so these rows use short batches that still mix prefill,
+chunked prefill and decode, span several key tiles and pages, and end
+mid-page; `ci.batches` poisons everything a kernel must not read
 (NaN caches, garbage block-table entries). bf16 runs with the dot operands
 upcast to fp32, which the interpreter needs (`UPCAST_DOT`); bf16 on the
 tensor cores is covered by the full matrix on a GPU.
@@ -71,6 +71,22 @@ def test_split_kv_decode_matches_float64_oracle(dtype, num_splits):
                           batch.query_start_loc.to(DEVICE), batch.scale, config, num_splits)
     _, rel_err = compare(out.cpu(), oracle_output(batch))
     assert rel_err <= case.tolerance
+
+
+def test_int64_index_tensors_give_the_int32_result():
+    case = Case(torch.float16, 64, 16, 8, 2, SHORT_MIXED)
+    batch = build_batch(case)
+    shape = (batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
+    outputs = []
+    for index_dtype in (torch.int32, torch.int64):
+        caches = poisoned_caches(batch, shape, case.dtype, DEVICE, write_kv_nhd,
+                                 with_new_tokens=False)
+        indices = [t.to(DEVICE, index_dtype) for t in (batch.block_tables, batch.seq_lens,
+                                                        batch.query_start_loc)]
+        outputs.append(TritonAttentionBackend().forward(
+            batch.query.to(DEVICE), batch.key.to(DEVICE), batch.value.to(DEVICE), *caches,
+            batch.slot_mapping.to(DEVICE), *indices, batch.scale))
+    assert torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

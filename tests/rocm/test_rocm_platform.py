@@ -44,22 +44,35 @@ def _inputs(num_heads=8, num_kv_heads=2, head_size=64, dtype=torch.float16):
         scale=head_size ** -0.5)
 
 
+def _replace(field, make):
+    """A mutation that sets `field` to make(args[field])."""
+    return lambda args: args.update({field: make(args[field])})
+
+
+#: (field the error must name, mutation of valid inputs), by case id
 BAD_INPUTS = {
-    "query": lambda args: args.update(query=args["query"][0]),
-    "key": lambda args: args.update(key=args["key"][:3]),
-    "value": lambda args: args.update(value=args["value"][:, :1]),
-    "num_heads": lambda args: args.update(query=args["query"][:, :7]),
-    "key_cache": lambda args: args.update(key_cache=args["key_cache"][..., :32]),
-    "dtype": lambda args: args.update(query=args["query"].float()),
-    "slot_mapping": lambda args: args.update(slot_mapping=args["slot_mapping"][:3]),
-    "query_start_loc": lambda args: args.update(query_start_loc=args["query_start_loc"][:2]),
-    "block_tables": lambda args: args.update(block_tables=args["block_tables"][:1]),
+    "query-2d": ("query", _replace("query", lambda t: t[0])),
+    "key-tokens": ("key", _replace("key", lambda t: t[:3])),
+    "value-heads": ("value", _replace("value", lambda t: t[:, :1])),
+    "heads-not-multiple": ("num_heads", _replace("query", lambda t: t[:, :7])),
+    "cache-head-size": ("key_cache", _replace("key_cache", lambda t: t[..., :32])),
+    "dtype-mismatch": ("dtype", _replace("query", lambda t: t.float())),
+    "slot-mapping-length": ("slot_mapping", _replace("slot_mapping", lambda t: t[:3])),
+    "slot-mapping-strided": ("slot_mapping", _replace(
+        "slot_mapping", lambda t: torch.stack([t, t], dim=1)[:, 0])),
+    "query-start-loc-length": ("query_start_loc", _replace("query_start_loc", lambda t: t[:2])),
+    "block-tables-rows": ("block_tables", _replace("block_tables", lambda t: t[:1])),
+    "block-tables-float": ("block_tables", _replace("block_tables", lambda t: t.float())),
+    "seq-lens-2d": ("seq_lens", _replace("seq_lens", lambda t: t[None])),
+    "value-cache-device": ("value_cache", _replace("value_cache", lambda t: t.to("meta"))),
+    "scale-nan": ("scale", _replace("scale", lambda t: float("nan"))),
 }
 
 
-@pytest.mark.parametrize("field", sorted(BAD_INPUTS))
-def test_bad_input_is_a_value_error_naming_the_field(field):
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_a_value_error_naming_the_field(case):
+    field, mutate = BAD_INPUTS[case]
     args = _inputs()
-    BAD_INPUTS[field](args)
+    mutate(args)
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
         TritonAttentionBackend().forward(**args)

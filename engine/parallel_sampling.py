@@ -1,0 +1,94 @@
+"""n > 1: the n samples of one prompt share its KV blocks (copy-on-write).
+
+Sample 0 is the request itself, under the caller's request id, and prefills the prompt alone.
+In the step where that prefill completes, the runner draws all n first tokens from the
+prompt's last logits row, one row per sample generator; sample i's generator is seeded with
+seed + i, so with a seed sample i is the n=1 request seeded seed + i. Samples 1..n-1 then join
+through `Scheduler.fork_request`: every prompt block is shared by reference count and the
+partial last block is copied when a sample first writes into it. Their first tokens enter
+through `Scheduler.update_from_output` like any sampled token, so every stop rule applies.
+
+If sample 0 finishes with its first token (an eos or stop token), its blocks are freed before
+the others can fork; those then prefill on their own (the prompt's full blocks stay in the
+prefix cache) with fresh generators, so seeded samples still draw the same tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+
+#: torch.Generator.manual_seed takes seeds modulo 2**64
+_SEED_MODULUS = 2**64
+
+
+def sample_request_id(request_id: str, index: int) -> str:
+    """The scheduler's id of sample `index` (vLLM's child id format)."""
+    return request_id if index == 0 else f"{index}_{request_id}"
+
+
+class SampleGroup:
+    """The n samples of one request: their ids, generators and latest completions."""
+
+    def __init__(self, request_id: str, params: SamplingParams,
+                 make_generator: Callable[[int], torch.Generator]):
+        self.request_id = request_id
+        self.params = params
+        self.sample_ids = [sample_request_id(request_id, i) for i in range(params.n)]
+        self._make_generator = make_generator
+        self.generators = [self._generator(i) for i in range(params.n)]
+        self.forked = params.n == 1
+        self.completions = [CompletionOutput(index=i, text="", token_ids=[])
+                            for i in range(params.n)]
+        self.num_finished = 0
+
+    def _generator(self, index: int) -> Optional[torch.Generator]:
+        seed = self.params.seed
+        return None if seed is None else self._make_generator((seed + index) % _SEED_MODULUS)
+
+    def step_generators(self, index: int) -> list[Optional[torch.Generator]]:
+        """One generator per token sample `index` draws if it samples this step: all n for
+        sample 0 until the others exist (its first step also draws their first tokens)."""
+        return self.generators if index == 0 and not self.forked else [self.generators[index]]
+
+    def fork(self, scheduler: Scheduler, parent: Request,
+             first_token_ids: list[int]) -> list[Request]:
+        """Add samples 1..n-1 as children of sample 0 (`parent`), which just drew
+        first_token_ids[i - 1] for sample i. Returns the children; those that could share
+        the parent's blocks hold their first token (and may already be finished by it)."""
+        self.forked = True
+        children = [Request(sample_id, parent.prompt_token_ids, parent.sampling_params,
+                            eos_token_id=parent.eos_token_id, arrival_time=parent.arrival_time,
+                            priority=parent.priority, extra_keys=parent.extra_keys)
+                    for sample_id in self.sample_ids[1:]]
+        shares_blocks = parent.status == RequestStatus.RUNNING
+        for child in children:
+            scheduler.fork_request(parent, child)
+        if not shares_blocks:
+            self.generators[1:] = [self._generator(i) for i in range(1, self.params.n)]
+            return children
+        first_step = SchedulerOutput(scheduled_requests=list(children),
+                                     num_scheduled_tokens={c.request_id: 0 for c in children})
+        scheduler.update_from_output(first_step, {
+            child.request_id: [token_id] for child, token_id in zip(children, first_token_ids)})
+        return children
+
+    def update(self, index: int, completion: CompletionOutput) -> None:
+        self.completions[index] = completion
+        if completion.finished():
+            self.num_finished += 1
+
+    @property
+    def finished(self) -> bool:
+        return self.num_finished == self.params.n
+
+    def make_output(self, prompt: Optional[str], prompt_token_ids: list[int],
+                    prompt_logprobs) -> RequestOutput:
+        return RequestOutput(self.request_id, prompt, prompt_token_ids, list(self.completions),
+                             self.finished, prompt_logprobs)
