@@ -82,9 +82,10 @@ def test_getting_the_backend_needs_no_gpu_and_builds_nothing(monkeypatch):
     monkeypatch.setattr(backend_module, "load_extension", no_build)
     monkeypatch.delitem(platforms._INSTANCES, "cuda", raising=False)
     cuda = platforms.get("cuda")
-    backend = cuda.attention_backend()
+    backend = cuda.attention_backend("cuda")
     assert isinstance(backend, CudaAttentionBackend)
-    assert cuda.backend_names() == ["cuda"] and backend.name == "cuda"
+    assert cuda.backend_names() == ["triton", "cuda"] and backend.name == "cuda"
+    assert cuda.attention_backend().name == "triton"
     assert (cuda.device, cuda.dist_backend) == ("cuda", "nccl")
     assert tuple(backend.supported_head_sizes) == SUPPORTED_HEAD_SIZES
     assert backend.kv_cache_shape(10, 16, 8, 128) == (10, 16, 8, 128)

@@ -6,6 +6,8 @@ module or getting the backend needs no GPU and no nvcc.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from platforms.interface import AttentionBackend, Platform
@@ -41,8 +43,16 @@ class CudaPlatform(Platform):
         return total, free
 
     def backend_names(self) -> list[str]:
+        # The Triton kernel (the ROCm path's, portable to NVIDIA) measured
+        # faster than the CUDA C++ one on the H100 for both decode and prefill
+        # (benchmarks/RESULTS.md), so it is the default when triton is there.
+        if importlib.util.find_spec("triton") is not None:
+            return ["triton", "cuda"]
         return ["cuda"]
 
     def _make_backend(self, name: str) -> AttentionBackend:
+        if name == "triton":
+            from platforms.rocm.backend import TritonAttentionBackend
+            return TritonAttentionBackend()
         from platforms.cuda.backend import CudaAttentionBackend
         return CudaAttentionBackend()
