@@ -110,6 +110,9 @@ def _skip_reason(backend: AttentionBackend, case: Case) -> str:
     sizes = backend.supported_head_sizes
     if sizes is not None and case.head_size not in sizes:
         return f"head_size {case.head_size} not in supported_head_sizes"
+    block_sizes = backend.supported_block_sizes
+    if block_sizes is not None and case.block_size not in block_sizes:
+        return f"block_size {case.block_size} not in supported_block_sizes"
     return ""
 
 
@@ -124,8 +127,9 @@ def _run_forward(backend: AttentionBackend, case: Case, batch: PagedBatch,
     """
     shape = tuple(backend.kv_cache_shape(batch.num_blocks, case.block_size,
                                          case.num_kv_heads, case.head_size))
-    nhd = (batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
-    writer = write_kv_nhd if shape == nhd else backend.write_kv
+    # Comparing shapes cannot tell NHD from HND when num_kv_heads == block_size.
+    uses_nhd = type(backend).kv_cache_shape is AttentionBackend.kv_cache_shape
+    writer = write_kv_nhd if uses_nhd else backend.write_kv
     key_cache, value_cache = poisoned_caches(batch, shape, case.dtype, device, writer,
                                              with_new_tokens=False)
     expected_caches = poisoned_caches(batch, shape, case.dtype, device, writer,

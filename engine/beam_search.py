@@ -16,10 +16,11 @@ Engine mechanics: a beam is a Request scheduled like any other (greedy, logprobs
 the step in which a prompt's beams computed their last token, each surviving continuation is
 a new Request forked from its parent beam (`Scheduler.fork_request`: the prefix blocks are
 shared by reference count and a shared partial block is copied on write), and the old beams
-are finished, which frees every block no survivor holds. The token the scheduler appended to
-an old beam is never computed. If only some of a prompt's beams ran in a step (preemption,
-token budget), the ones that ran are replaced by clones forked before the scheduler's update,
-which recompute their last token with the others in a later step.
+are finished, which frees every block no survivor holds. The scheduler never sees the sampled
+tokens (its update only advances the computed tokens), so the search alone decides how beams
+grow and end. If only some of a prompt's beams ran in a step (preemption, token budget), the
+ones that ran are replaced by clones forked before the scheduler's update, which recompute
+their last token with the others in a later step.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ class BeamSearchRunner:
         try:
             for index, group in enumerate(groups):
                 root = group.running[0]
-                root.request = self._request(group, [], base_time + index * _ARRIVAL_STEP)
+                root.request = self._request(group.prompt_token_ids, [],
+                                             base_time + index * _ARRIVAL_STEP)
                 self.scheduler.add_request(root.request)
             while not all(group.done for group in groups):
                 self._step(groups)
@@ -185,11 +187,10 @@ class BeamSearchRunner:
                 f"step and 2 * beam_width candidate tokens: more than max_num_seqs, "
                 f"max_num_batched_tokens, the vocab size or the KV pool allow")
 
-    def _request(self, group: BeamGroup, output_token_ids: list[int],
+    def _request(self, prompt_token_ids: list[int], output_token_ids: list[int],
                  arrival_time: float) -> Request:
-        request = Request(next(self._request_ids), group.prompt_token_ids,
-                          self._sampling.params, eos_token_id=self.engine.eos_token_id,
-                          arrival_time=arrival_time)
+        request = Request(next(self._request_ids), prompt_token_ids, self._sampling.params,
+                          eos_token_id=self.engine.eos_token_id, arrival_time=arrival_time)
         request.append_output_token_ids(output_token_ids)
         return request
 
@@ -209,7 +210,7 @@ class BeamSearchRunner:
         replaced = [beam.request for beam in deferred]
         for beam in deferred:
             beam.request = self._fork(beam.request, beam)
-        self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
+        self.scheduler.update_from_output(scheduler_output, {})
         self._finish_requests(replaced)
         for group in ready:
             old_requests = [beam.request for beam in group.running]
@@ -219,10 +220,8 @@ class BeamSearchRunner:
             self._finish_requests(old_requests)
 
     def _fork(self, parent: Request, beam: _Beam) -> Request:
-        group_tokens = parent.prompt_token_ids
-        child = Request(next(self._request_ids), group_tokens, self._sampling.params,
-                        eos_token_id=parent.eos_token_id, arrival_time=parent.arrival_time)
-        child.append_output_token_ids(beam.output_token_ids)
+        child = self._request(parent.prompt_token_ids, beam.output_token_ids,
+                              parent.arrival_time)
         self.scheduler.fork_request(parent, child)
         return child
 

@@ -7,10 +7,8 @@ seed + i, so with a seed sample i is the n=1 request seeded seed + i. Samples 1.
 through `Scheduler.fork_request`: every prompt block is shared by reference count and the
 partial last block is copied when a sample first writes into it. Their first tokens enter
 through `Scheduler.update_from_output` like any sampled token, so every stop rule applies.
-
-If sample 0 finishes with its first token (an eos or stop token), its blocks are freed before
-the others can fork; those then prefill on their own (the prompt's full blocks stay in the
-prefix cache) with fresh generators, so seeded samples still draw the same tokens.
+Sample 0's own first token is held back until the others have forked, so it cannot finish
+(and free the shared blocks) before they exist.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.request import Request, RequestStatus
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 
@@ -59,25 +57,24 @@ class SampleGroup:
 
     def fork(self, scheduler: Scheduler, parent: Request,
              first_token_ids: list[int]) -> list[Request]:
-        """Add samples 1..n-1 as children of sample 0 (`parent`), which just drew
-        first_token_ids[i - 1] for sample i. Returns the children; those that could share
-        the parent's blocks hold their first token (and may already be finished by it)."""
+        """Add samples 1..n-1 as children of sample 0 (`parent`), then give sample i its first
+        token first_token_ids[i]. `parent` must have just computed its whole prompt, with its
+        sampled token withheld from `Scheduler.update_from_output`, so that it still runs and
+        every sample takes its first token (and its stop rules) the same way. Returns the n
+        sample requests, in index order; some may be finished by their first token."""
         self.forked = True
         children = [Request(sample_id, parent.prompt_token_ids, parent.sampling_params,
                             eos_token_id=parent.eos_token_id, arrival_time=parent.arrival_time,
                             priority=parent.priority, extra_keys=parent.extra_keys)
                     for sample_id in self.sample_ids[1:]]
-        shares_blocks = parent.status == RequestStatus.RUNNING
         for child in children:
             scheduler.fork_request(parent, child)
-        if not shares_blocks:
-            self.generators[1:] = [self._generator(i) for i in range(1, self.params.n)]
-            return children
-        first_step = SchedulerOutput(scheduled_requests=list(children),
-                                     num_scheduled_tokens={c.request_id: 0 for c in children})
+        samples = [parent] + children
+        first_step = SchedulerOutput(scheduled_requests=samples,
+                                     num_scheduled_tokens={r.request_id: 0 for r in samples})
         scheduler.update_from_output(first_step, {
-            child.request_id: [token_id] for child, token_id in zip(children, first_token_ids)})
-        return children
+            request.request_id: [token_id] for request, token_id in zip(samples, first_token_ids)})
+        return samples
 
     def update(self, index: int, completion: CompletionOutput) -> None:
         self.completions[index] = completion

@@ -43,6 +43,8 @@ class AttentionBackend(abc.ABC):
     supported_dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16)
     #: head sizes the kernel supports; None = any
     supported_head_sizes: Optional[Sequence[int]] = None
+    #: block sizes the kernel supports; None = any
+    supported_block_sizes: Optional[Sequence[int]] = None
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_size: int) -> tuple[int, ...]:

@@ -1,0 +1,192 @@
+"""Tensor-parallel throughput: pagedllm output tok/s at each TP size, same run.
+
+For each model shape (random bf16 weights written from a config: the
+Llama-3.2-1B and Llama-3.1-8B shapes) and each `--tp` size, a fresh process
+runs `LLM(tensor_parallel_size=N)` on `--num-prompts` random prompts of
+`--input-len` token ids at once, each emitting exactly `--output-len` greedy
+tokens (EOS ignored). Prints output tok/s per size and the speed-up over the
+first size. `--check` first asserts that TP=2 greedy tokens equal TP=1's on
+a tiny float32 Llama.
+
+    python benchmarks/tp_throughput.py --device cuda --tp 1 2 --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+from engine.distributed.environment import MULTICAST_OFF
+
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    # The greedy check: O(1) activations, so TP's other summation order never flips a token.
+    "tiny-check": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                       vocab_size=1000, tie_word_embeddings=False, rope_theta=10000.0),
+}
+_SHARD_BYTES = 4 << 30
+_RESULT = "RESULT "
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with one token per id ("t0", "t1", ...): decodes any id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)},
+                                           unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="t1",
+                                   pad_token="t1", unk_token="t0")
+
+
+def write_random_model(shape: str, out_dir: Path, dtype: torch.dtype, device: str) -> Path:
+    """Save config, tokenizer and random weights (safetensors shards) of `shape`."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, bos_token_id=0,
+                         eos_token_id=1, architectures=["LlamaForCausalLM"])
+    config.dtype = dtype
+    with torch.device("meta"):
+        names_shapes = [(n, p.shape) for n, p in
+                        AutoModelForCausalLM.from_config(config).named_parameters()]
+    generator = torch.Generator(device).manual_seed(0)
+    shard, shard_bytes, weight_map, index = {}, 0, {}, 0
+    for i, (name, param_shape) in enumerate(names_shapes):
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(param_shape, dtype=dtype)
+        else:
+            tensor = torch.randn(param_shape, generator=generator, device=device)
+            tensor = (tensor * param_shape[-1] ** -0.5).to(dtype).cpu()
+        shard[name] = tensor
+        shard_bytes += tensor.numel() * tensor.element_size()
+        if shard_bytes >= _SHARD_BYTES or i == len(names_shapes) - 1:
+            file_name = f"model-{index:05d}.safetensors"
+            save_file(shard, str(out_dir / file_name))
+            weight_map.update({n: file_name for n in shard})
+            shard, shard_bytes, index = {}, 0, index + 1
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    config.save_pretrained(out_dir)
+    word_tokenizer(config.vocab_size).save_pretrained(out_dir)
+    return out_dir
+
+
+def random_prompts(vocab_size: int, num_prompts: int, input_len: int, seed: int) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab_size, (num_prompts, input_len), generator=generator)
+    return [{"prompt_token_ids": row} for row in ids.tolist()]
+
+
+def bench_one(args: argparse.Namespace) -> dict:
+    """One engine, one TP size: load, warm up, time one generate over all prompts."""
+    from engine import LLM, SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(model=args.model_dir, device=args.device, dtype=args.dtype,
+              tensor_parallel_size=args.tp, max_model_len=args.input_len + args.output_len)
+    load_seconds = time.perf_counter() - started
+    vocab_size = llm.llm_engine.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    # Warm up on other prompts: the timed ones must not hit the prefix cache.
+    llm.generate(random_prompts(vocab_size, 4, args.input_len, seed=1), params, use_tqdm=False)
+    prompts = random_prompts(vocab_size, args.num_prompts, args.input_len, seed=0)
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+    assert all(len(t) == args.output_len for t in token_ids)
+    llm.shutdown()
+    return {"tp": args.tp, "load_s": load_seconds, "elapsed_s": elapsed,
+            "output_tok_s": args.num_prompts * args.output_len / elapsed,
+            "token_ids": token_ids if args.keep_tokens else None}
+
+
+def run_in_fresh_process(args: argparse.Namespace, model_dir: Path, tp: int,
+                         keep_tokens: bool = False, **overrides) -> dict:
+    settings = {**vars(args), **overrides}
+    command = [sys.executable, __file__, "--one", str(model_dir), "--tp-one", str(tp),
+               "--device", settings["device"], "--dtype", settings["dtype"],
+               "--num-prompts", str(settings["num_prompts"]),
+               "--input-len", str(settings["input_len"]),
+               "--output-len", str(settings["output_len"])]
+    if keep_tokens:
+        command.append("--keep-tokens")
+    env = {**os.environ, **MULTICAST_OFF}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"TP={tp} run on {model_dir} failed (exit {proc.returncode})")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(_RESULT))
+    return json.loads(line[len(_RESULT):])
+
+
+def check_greedy(args: argparse.Namespace, tmp: Path) -> None:
+    model_dir = write_random_model("tiny-check", tmp / "tiny-check", torch.float32, "cpu")
+    settings = dict(dtype="float32", num_prompts=16, input_len=24, output_len=32)
+    one, two = (run_in_fresh_process(args, model_dir, tp, keep_tokens=True, **settings)
+                for tp in (1, 2))
+    mismatched = sum(a != b for a, b in zip(one["token_ids"], two["token_ids"]))
+    print(f"greedy check (tiny fp32 Llama, {settings['num_prompts']} prompts x "
+          f"{settings['output_len']} tokens): TP=2 vs TP=1 mismatched prompts: "
+          f"{mismatched}", flush=True)
+    if mismatched:
+        raise SystemExit("TP=2 greedy tokens differ from TP=1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"],
+                        choices=list(SHAPES))
+    parser.add_argument("--tp", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--check", action="store_true", help="greedy TP=2 == TP=1 first")
+    parser.add_argument("--one", dest="model_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--tp-one", dest="tp_one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--keep-tokens", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.model_dir:
+        args.tp = args.tp_one
+        print(_RESULT + json.dumps(bench_one(args)), flush=True)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.check:
+            check_greedy(args, Path(tmp))
+        for shape in args.shapes:
+            started = time.perf_counter()
+            model_dir = write_random_model(shape, Path(tmp) / shape,
+                                           getattr(torch, args.dtype), args.device)
+            print(f"{shape}: random checkpoint written in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            results = [run_in_fresh_process(args, model_dir, tp) for tp in args.tp]
+            base = results[0]["output_tok_s"]
+            for result in results:
+                print(f"{shape} {args.dtype}, {args.num_prompts} prompts x {args.input_len} "
+                      f"in / {args.output_len} out: TP={result['tp']}: "
+                      f"{result['output_tok_s']:.0f} output tok/s "
+                      f"({result['elapsed_s']:.2f} s, load {result['load_s']:.0f} s), "
+                      f"speed-up vs TP={results[0]['tp']}: "
+                      f"{result['output_tok_s'] / base:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
