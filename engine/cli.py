@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from engine.cli_bench import add_bench_parser
@@ -56,8 +57,8 @@ def add_generate_parser(subparsers) -> None:
         description="Complete prompts with greedy (temperature 0) or sampled decoding.")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    prompts.add_argument("--prompts-file", type=argparse.FileType("r"),
-                         help="a file with one prompt per line")
+    prompts.add_argument("--prompts-file", type=Path,
+                         help="a file with one prompt per line (blank lines skipped)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
@@ -72,7 +73,11 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.prompt:
         prompts = args.prompt
     else:
-        prompts = [line.rstrip("\n") for line in args.prompts_file if line.strip()]
+        try:
+            lines = args.prompts_file.read_text().splitlines()
+        except OSError as err:
+            raise ValueError(f"--prompts-file: {err}") from None
+        prompts = [line for line in lines if line.strip()]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k)
     llm = LLM(**engine_kwargs(args))

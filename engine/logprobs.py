@@ -17,12 +17,13 @@ decoded_token)}` for one position, the scored token first, then the top-k.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from engine.outputs import Logprob
-from engine.sampler import compute_prompt_logprobs
+from engine.sampler import compute_logprobs
 
 
 class PositionLogprobs(NamedTuple):
@@ -42,36 +43,75 @@ def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return (logits >= chosen).sum(dim=1)
 
 
-def position_logprobs(token_ids: list[int], logprobs: list[float], ranks: list[int],
-                      top_token_ids: list[list[int]] | None, top_logprobs: list[list[float]] | None,
-                      num_logprobs: list[int]) -> list[PositionLogprobs]:
-    """Zip per-row lists into PositionLogprobs; row i keeps its first num_logprobs[i] of the top-k."""
-    return [PositionLogprobs(token_id, logprob, rank,
-                             top_token_ids[i][:k] if k else [], top_logprobs[i][:k] if k else [])
-            for i, (token_id, logprob, rank, k)
-            in enumerate(zip(token_ids, logprobs, ranks, num_logprobs))]
+def sampled_position_logprobs(logits: torch.Tensor, sampler_output,
+                              num_logprobs: list[Optional[int]]) -> list[Optional[PositionLogprobs]]:
+    """The sampler's logprobs of each row ([N, V] raw logits), None for rows that do not ask;
+    row i keeps its first num_logprobs[i] of the batch's top-k."""
+    if all(k is None for k in num_logprobs):
+        return [None] * len(num_logprobs)
+    sampled = sampler_output.sampled_token_ids
+    return _positions(sampled, sampler_output.sampled_logprobs, sampler_output.logprob_token_ids,
+                      sampler_output.logprobs, token_ranks(logits, sampled), num_logprobs)
 
 
-def prompt_chunk_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor],
-                          chunk_hidden: torch.Tensor, prompt_token_ids: list[int],
-                          chunk_start: int, num_logprobs: int) -> list[PositionLogprobs]:
-    """Logprobs of the prompt tokens a chunk scores (see the module docstring).
+def _positions(token_ids: torch.Tensor, logprobs: torch.Tensor, top_token_ids: torch.Tensor,
+               top_logprobs: torch.Tensor, ranks: torch.Tensor,
+               num_logprobs: list[Optional[int]]) -> list[Optional[PositionLogprobs]]:
+    """Rows of [M] / [M, k] tensors as PositionLogprobs, keeping num_logprobs[i] of the top-k
+    on row i (None: the row is not asked for)."""
+    rows = zip(token_ids.tolist(), logprobs.tolist(), ranks.tolist(), top_token_ids.tolist(),
+               top_logprobs.tolist(), num_logprobs)
+    return [None if k is None else PositionLogprobs(token_id, logprob, rank, ids[:k], lps[:k])
+            for token_id, logprob, rank, ids, lps, k in rows]
 
-    chunk_hidden: [n, hidden_size], the chunk's hidden states (prompt positions chunk_start
-    .. chunk_start + n - 1). Returns one entry per scored prompt position, in order, starting
-    with position chunk_start + 1; empty when the chunk scores none.
-    """
-    num_rows = min(chunk_hidden.shape[0], len(prompt_token_ids) - 1 - chunk_start)
-    if num_rows <= 0:
-        return []
-    logits = compute_logits(chunk_hidden[:num_rows])
-    window = prompt_token_ids[chunk_start:chunk_start + num_rows + 1]
-    scored = compute_prompt_logprobs(logits, window, num_logprobs)
-    targets = torch.tensor(window[1:], dtype=torch.int64, device=logits.device)
-    return position_logprobs(
-        window[1:], scored.selected_logprobs.tolist(), token_ranks(logits, targets).tolist(),
-        None if scored.token_ids is None else scored.token_ids.tolist(),
-        None if scored.logprobs is None else scored.logprobs.tolist(), [num_logprobs] * num_rows)
+
+@dataclass
+class PromptChunk:
+    """The prompt tokens one request's chunk scores this step: prompt positions
+    first_position .. first_position + len(hidden_rows) - 1, from those rows of the step's
+    hidden states."""
+
+    request_id: str
+    first_position: int
+    hidden_rows: range
+    target_token_ids: list[int]
+    num_logprobs: int
+
+
+def prompt_chunks(scheduler_output, num_prompt_logprobs: Callable[[str], Optional[int]]
+                  ) -> list[PromptChunk]:
+    """The chunks of this step that score prompt tokens, for the requests whose
+    num_prompt_logprobs(request_id) is not None (see the module docstring)."""
+    chunks, row = [], 0
+    for request in scheduler_output.scheduled_requests:
+        num_new = scheduler_output.num_scheduled_tokens[request.request_id]
+        k = num_prompt_logprobs(request.request_id)
+        start = request.num_computed_tokens
+        num_scored = min(num_new, request.num_prompt_tokens - 1 - start)
+        if k is not None and num_scored > 0:
+            chunks.append(PromptChunk(
+                request.request_id, start + 1, range(row, row + num_scored),
+                request.prompt_token_ids[start + 1:start + 1 + num_scored], k))
+        row += num_new
+    return chunks
+
+
+def prompt_chunk_logprobs(logits: torch.Tensor, chunks: list[PromptChunk]
+                          ) -> dict[str, tuple[int, list[PositionLogprobs]]]:
+    """logits: [sum of the chunks' rows, V] raw logits, the chunks' rows in order.
+    Returns request_id -> (first_position, one PositionLogprobs per scored position)."""
+    targets = torch.tensor([t for chunk in chunks for t in chunk.target_token_ids],
+                           dtype=torch.int64, device=logits.device)
+    scored = compute_logprobs(logits, targets, max(chunk.num_logprobs for chunk in chunks))
+    positions = _positions(targets, scored.selected_logprobs, scored.token_ids, scored.logprobs,
+                           token_ranks(logits, targets),
+                           [chunk.num_logprobs for chunk in chunks for _ in chunk.hidden_rows])
+    result, row = {}, 0
+    for chunk in chunks:
+        num_rows = len(chunk.hidden_rows)
+        result[chunk.request_id] = (chunk.first_position, positions[row:row + num_rows])
+        row += num_rows
+    return result
 
 
 def logprob_dict(position: PositionLogprobs, decode: Callable[[int], str]) -> dict[int, Logprob]:

@@ -68,10 +68,11 @@ class ModelRunner:
         if shape[0] != num_blocks:
             raise ValueError(f"attention backend {self.attn_backend.name!r} puts the "
                              f"block id off dim 0 of its KV cache shape {shape}")
-        # Zeros, not empty: kernels may read whole blocks and mask afterwards,
-        # and 0 * NaN from stale memory would poison the output.
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device))
+        # Uninitialized on purpose: the platform contract makes every backend
+        # ignore slots past seq_len (the conformance matrix poisons them with
+        # NaN), and filling gigabytes would cost seconds at startup.
+        return [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                 torch.empty(shape, dtype=self.dtype, device=self.device))
                 for _ in range(self.model.num_layers)]
 
     def determine_num_blocks(self) -> int:

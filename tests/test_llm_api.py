@@ -249,6 +249,9 @@ def test_cli_prompts_file_and_bad_input(model_dir, tmp_path, capsys):
     assert capsys.readouterr().out.count("Prompt: ") == 2
     assert cli_main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "model" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", str(model_dir), "--prompts-file",
+                     str(tmp_path / "missing.txt")]) == 2
+    assert "--prompts-file" in capsys.readouterr().err
 
 
 def test_cli_help(capsys):

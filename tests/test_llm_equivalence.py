@@ -5,8 +5,8 @@ of 16+ prompts of mixed lengths (text and token-id prompts, some sharing a
 long prefix, each with its own max_tokens) in ONE generate call, under every
 engine configuration that changes how the work is cut up: prefix caching on
 and off, a KV pool so small that requests get preempted and recomputed,
-chunked prefill (32-token steps), block sizes 8 and 32. The HF reference
-generates each prompt alone, without padding.
+chunked prefill (32-token steps), block sizes 8 and 32. The KV pool starts
+filled with NaN. The HF reference generates each prompt alone, without padding.
 """
 
 from __future__ import annotations
@@ -104,6 +104,10 @@ def test_greedy_equals_hf_generate(hf_greedy, name, variant):
     model_dir, prompts, params, expected = hf_greedy(name)
     engine_kwargs, observed = VARIANTS[variant]
     llm = LLM(model=str(model_dir), device="cpu", dtype="float32", **engine_kwargs)
+    # The pool starts uninitialized: no slot may be read before it is written.
+    for key_cache, value_cache in llm.llm_engine.model_runner.kv_caches:
+        key_cache.fill_(float("nan"))
+        value_cache.fill_(float("nan"))
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert len(outputs) == len(prompts) >= 16
     for i, (output, want) in enumerate(zip(outputs, expected)):

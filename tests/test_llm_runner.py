@@ -156,3 +156,37 @@ def test_block_copies_cover_every_layer_k_and_v(model_dir):
             assert torch.equal(cache[5], old[3]) and torch.equal(cache[2], old[9])
             untouched = [b for b in range(cache.shape[0]) if b not in (5, 2)]
             assert torch.equal(cache[untouched], old[untouched])
+
+
+def test_gpu_sizing_subtracts_others_and_the_activation_peak(model_dir, monkeypatch):
+    """The accelerator path, run on CPU with a fake memory allocator and device.
+
+    The profiling forward really runs (a full max_num_batched_tokens step and
+    the sampler); only the memory numbers it reads are made up.
+    """
+    runner = LLM(model=model_dir, device="cpu", max_model_len=64,
+                 max_num_batched_tokens=96).llm_engine.model_runner
+    gib = 2**30
+    peaks = {}
+
+    class FakeAccelerator:
+        synchronize = reset_peak_memory_stats = empty_cache = staticmethod(lambda: None)
+        memory_allocated = staticmethod(lambda: 3 * gib)
+
+        @staticmethod
+        def max_memory_allocated():
+            return 3 * gib + peaks["cache_bytes"] + gib // 2
+
+    real_allocate = runner._allocate
+
+    def allocate(num_blocks):
+        peaks["cache_bytes"] = num_blocks * runner.block_bytes()
+        return real_allocate(num_blocks)
+
+    monkeypatch.setattr(torch, "cpu", FakeAccelerator)
+    monkeypatch.setattr(runner, "_allocate", allocate)
+    monkeypatch.setattr(runner.platform, "memory_info", lambda: (80 * gib, 70 * gib))
+    runner.config.gpu_memory_utilization = 0.5
+    # 40 GiB allowed - 10 GiB in use (weights, other processes) - 0.5 GiB activations
+    assert runner._kv_budget_from_profile() == int(29.5 * gib)
+    assert peaks["cache_bytes"] > 0
