@@ -40,14 +40,18 @@ def make_model(out_dir: str, max_len: int) -> str:
 
 
 class StepProbe:
-    """Wraps Scheduler.schedule: peak KV blocks in use and prompt tokens scheduled."""
+    """Wraps Scheduler.schedule: peak KV blocks in use and prompt tokens scheduled
+    (tests/test_parallel_sampling.py measures with it too)."""
 
     def __init__(self, llm: LLM):
-        engine = llm.llm_engine
-        self.kv = engine.kv_cache_manager
-        self._schedule = engine.scheduler.schedule
-        engine.scheduler.schedule = self
+        self.scheduler = llm.llm_engine.scheduler
+        self.kv = llm.llm_engine.kv_cache_manager
+        self._schedule = self.scheduler.schedule
+        self.scheduler.schedule = self
         self.reset()
+
+    def restore(self) -> None:
+        self.scheduler.schedule = self._schedule
 
     def reset(self) -> None:
         self.peak_blocks = 0

@@ -8,6 +8,12 @@ both and their ratio for each model: the default model, and a tiny
 random-weight Llama built on the fly (engine overhead dominates there).
 
     python benchmarks/throughput.py --device cpu
+
+With `--device cuda` it runs the GPU benchmark of `throughput_cuda.py`
+instead (Llama-3.2-1B-shaped model, fixed and varied workloads, HF static
+and continuous batching baselines, decode-step profile):
+
+    python benchmarks/throughput.py --device cuda
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import throughput_cuda
 from engine import LLM, SamplingParams
 from engine.model_loader import resolve_model
 
@@ -87,15 +94,24 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="+", default=["default", "tiny"],
                         help="'default', 'tiny', or model directories")
-    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="default 32 on cpu, 256 on cuda")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--hf-batch-size", type=int, default=None,
+                        help="HF static batch size: default 16 on cpu, 64 on cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and activations of both engines")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both (default: torch's choice)")
+    throughput_cuda.add_cuda_arguments(parser)
     args = parser.parse_args()
+    on_gpu = args.device == "cuda"
+    args.num_prompts = args.num_prompts or (256 if on_gpu else 32)
+    args.hf_batch_size = args.hf_batch_size or (64 if on_gpu else 16)
+    if on_gpu:
+        throughput_cuda.main_cuda(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 

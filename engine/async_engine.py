@@ -10,6 +10,11 @@ same scheduler and are batched together by it.
 Outputs are cumulative (RequestOutput), so a consumer that falls behind is handed
 only the latest output of each request: nothing is lost, there are just fewer,
 larger increments.
+
+Admission: with `max_num_waiting`, requests that would make the waiting queue
+longer are refused at once (EngineOverloadedError) instead of queueing without
+bound; after `stop_accepting()` (a graceful shutdown) every new request is
+refused while those in flight run on.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+from engine.admission import WaitingQueueBound
 from engine.config import EngineConfig
+from engine.fault_isolation import RequestFailedError
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -143,11 +150,13 @@ class RequestStream:
 class AsyncLLMEngine:
     """Serve one LLMEngine to any number of coroutines; the step loop starts at once."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, max_num_waiting: Optional[int] = None):
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = False
+        self._accepting = True
+        self._waiting = WaitingQueueBound(max_num_waiting)
         # Held to queue a command, and by the exiting engine thread to refuse more:
         # every queued command is answered.
         self._commands_lock = threading.Lock()
@@ -158,8 +167,9 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
-        return cls(LLMEngine(config))
+    def from_config(cls, config: EngineConfig,
+                    max_num_waiting: Optional[int] = None) -> "AsyncLLMEngine":
+        return cls(LLMEngine(config), max_num_waiting)
 
     @property
     def tokenizer(self):
@@ -173,6 +183,26 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
+    @property
+    def is_accepting(self) -> bool:
+        """Running, and taking new requests (not draining for a shutdown)."""
+        return self.is_running and self._accepting
+
+    @property
+    def max_num_waiting(self) -> Optional[int]:
+        return self._waiting.max_num_waiting
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests admitted but not yet scheduled, as max_num_waiting counts them."""
+        with self._commands_lock:
+            return self._waiting.num_waiting
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests (EngineShutdownError); those in flight run on."""
+        with self._commands_lock:
+            self._accepting = False
+
     def add_step_listener(self, listener: StepListener) -> None:
         """Call `listener(StepStats)` on the engine thread after every step (and when idle)."""
         self._listeners = self._listeners + (listener,)
@@ -181,7 +211,11 @@ class AsyncLLMEngine:
         self._listeners = tuple(x for x in self._listeners if x != listener)
 
     async def add_requests(self, requests: Sequence[EngineRequest]) -> RequestStream:
-        """Queue requests (all or none: ValueError naming the field) -> their stream."""
+        """Queue requests (all or none: ValueError naming the field) -> their stream.
+
+        EngineOverloadedError when they would overfill the waiting queue,
+        EngineShutdownError when the engine takes no more requests.
+        """
         loop = asyncio.get_running_loop()
         sink = _Sink(loop, asyncio.Queue())
         accepted = loop.create_future()
@@ -216,6 +250,10 @@ class AsyncLLMEngine:
         with self._commands_lock:
             if self._stopping:
                 raise EngineShutdownError("the engine is not running")
+            if isinstance(command, _AddCommand):
+                if not self._accepting:
+                    raise EngineShutdownError("the server is shutting down")
+                self._waiting.admit(len(command.requests))
             self._commands.put(command)
         self._wakeup.set()
 
@@ -262,6 +300,8 @@ class AsyncLLMEngine:
             added, error = self._add_all(command.requests), None
         except Exception as err:  # the request's own error: it goes back to its caller
             added, error = [], err
+        with self._commands_lock:
+            self._waiting.settle(len(command.requests), self.engine.scheduler.num_waiting)
         for request_id in added:
             self._sinks[request_id] = command.sink
             self._stats.add_request(request_id, command.arrival_time)
@@ -292,6 +332,9 @@ class AsyncLLMEngine:
         start = time.monotonic()
         try:
             outputs = self.engine.step()
+        except RequestFailedError as err:  # those requests alone; the others advanced
+            outputs = err.outputs
+            self._fail(err.failures)
         except Exception as err:
             logger.exception("engine step failed; failing the requests in flight")
             self._fail_all(err)
@@ -314,10 +357,16 @@ class AsyncLLMEngine:
             self.engine.abort_request(request_ids)
         except Exception:
             logger.exception("aborting the requests in flight failed")
+        self._fail({request_id: error for request_id in request_ids})
+
+    def _fail(self, errors: dict[str, BaseException]) -> None:
+        """Hand each request's error to its stream; the engine has dropped them."""
         deliveries: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
         now = time.monotonic()
-        for request_id in request_ids:
-            sink = self._sinks.pop(request_id)
+        for request_id, error in errors.items():
+            sink = self._sinks.pop(request_id, None)
+            if sink is None:
+                continue
             self._stats.abort_request(request_id, now)
             deliveries[sink.loop].append((sink.queue, _Failure(request_id, error)))
         self._deliver(deliveries)
@@ -330,6 +379,8 @@ class AsyncLLMEngine:
                 self._abort([item.request_id for _, item in items])
 
     def _publish(self) -> None:
+        with self._commands_lock:
+            self._waiting.observe(self.engine.scheduler.num_waiting)
         stats = self._stats.take()
         for listener in self._listeners:
             try:

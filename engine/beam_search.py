@@ -25,7 +25,6 @@ their last token with the others in a later step.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -45,8 +44,9 @@ _ARRIVAL_STEP = 1e-6
 
 @dataclass
 class BeamSearchSequence:
-    """One hypothesis: tokens include the prompt; logprobs has one dict per generated token
-    (the chosen token and the 2 * beam_width candidates it was ranked against)."""
+    """One hypothesis: tokens include the prompt, and so does text (their decoding, as in
+    vLLM); logprobs has one dict per generated token (the chosen token and the
+    2 * beam_width candidates it was ranked against)."""
 
     tokens: list[int]
     logprobs: list[dict[int, Logprob]]
@@ -136,8 +136,7 @@ class BeamSearchRunner:
         self.engine = engine
         self.scheduler = engine.scheduler
         self._request_ids = (f"beam-{i}" for i in itertools.count())
-        self._decode = functools.lru_cache(maxsize=None)(
-            lambda token_id: engine.tokenizer.decode([token_id]))
+        self._sampling: Optional[RequestSampling] = None  # set per run
 
     def run(self, prompts: Sequence, params: BeamSearchParams) -> list[BeamSearchOutput]:
         if not isinstance(params, BeamSearchParams):
@@ -160,7 +159,8 @@ class BeamSearchRunner:
         except BaseException:
             self._finish([beam for group in groups for beam in group.running])
             raise
-        return [group.output(self.engine.tokenizer, self._decode) for group in groups]
+        return [group.output(self.engine.tokenizer, self.engine.decode_token)
+                for group in groups]
 
     def _new_group(self, index: int, prompt, params: BeamSearchParams) -> BeamGroup:
         try:

@@ -34,6 +34,8 @@ ENGINE_ARGS = {
     "kv-cache-memory": (int, None, "KV cache bytes (CPU default 2 GiB; on GPUs it replaces "
                         "the gpu-memory-utilization sizing)"),
     "attention-backend": (str, None, "attention backend of the platform; default its fastest"),
+    "tensor-parallel-size": (int, 1, "devices (processes) to split the model over; "
+                             "docs/distributed.md"),
 }
 
 

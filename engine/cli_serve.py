@@ -25,6 +25,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on /v1 routes")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
+    server.add_argument("--max-num-waiting", type=int, default=None, metavar="N",
+                        help="most requests waiting to be scheduled; beyond it new requests "
+                             "get 503 with Retry-After (default: no bound)")
+    server.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long requests in flight may run on before "
+                             "they are failed and the server exits")
     add_engine_args(parser)
 
 

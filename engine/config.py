@@ -31,6 +31,10 @@ class EngineConfig:
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory: Optional[int] = None
     attention_backend: Optional[str] = None
+    #: ranks the model is split over (docs/distributed.md); 1 = no tensor parallelism
+    tensor_parallel_size: int = 1
+    #: on a GPU, run the plain PyTorch path (no CUDA graphs, no fused kernels)
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -39,6 +43,9 @@ class EngineConfig:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         _require_positive("block_size", self.block_size)
         _require_positive("max_num_seqs", self.max_num_seqs)
+        _require_positive("tensor_parallel_size", self.tensor_parallel_size)
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override",
                      "kv_cache_memory"):
             if getattr(self, name) is not None:

@@ -8,10 +8,11 @@ from typing import Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
+from engine.beam_search import BeamSearchOutput, BeamSearchRunner
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import BeamSearchParams, SamplingParams
 
 #: one chat message: {"role": ..., "content": ...}
 Conversation = list[dict]
@@ -31,7 +32,8 @@ class LLM:
                  enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.9,
                  num_gpu_blocks_override: Optional[int] = None,
                  kv_cache_memory: Optional[int] = None,
-                 attention_backend: Optional[str] = None):
+                 attention_backend: Optional[str] = None, tensor_parallel_size: int = 1,
+                 enforce_eager: bool = False):
         config = EngineConfig(
             model=model, tokenizer=tokenizer, device=device, dtype=dtype, seed=seed,
             block_size=block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
@@ -39,12 +41,17 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             gpu_memory_utilization=gpu_memory_utilization,
             num_gpu_blocks_override=num_gpu_blocks_override,
-            kv_cache_memory=kv_cache_memory, attention_backend=attention_backend)
+            kv_cache_memory=kv_cache_memory, attention_backend=attention_backend,
+            tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (also done at garbage collection/exit)."""
+        self.llm_engine.shutdown()
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -71,6 +78,14 @@ class LLM:
             self.llm_engine.abort_request(added)
             raise
         return self._run_engine(request_ids, use_tqdm)
+
+    def beam_search(self, prompts: Union[PromptType, Sequence[PromptType]],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search for every prompt (engine.beam_search: HF's early_stopping=True
+        semantics); outputs in input order, hypotheses best first. Runs alone: ValueError
+        while other requests are in flight."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        return BeamSearchRunner(self.llm_engine).run(prompts, params)
 
     def chat(self, messages: Union[Conversation, Sequence[Conversation]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,

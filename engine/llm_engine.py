@@ -1,13 +1,20 @@
 """LLMEngine: the step loop joining tokenizer, scheduler, model runner and detokenizer.
 
-One `step()` = schedule -> forward + sample -> scheduler bookkeeping ->
-detokenize (stop strings finish requests) -> cumulative `RequestOutput`s for
-the requests that advanced. Bad requests are rejected in `add_request` with a
-ValueError naming the field; requests already in flight are unaffected.
+One `step()` = schedule -> forward + sample -> scheduler bookkeeping (forking the
+samples of n > 1 requests, engine.parallel_sampling) -> detokenize (stop strings
+finish samples) -> cumulative `RequestOutput`s for the requests that advanced. Bad
+requests are rejected in `add_request` with a ValueError naming the field; requests
+already in flight are unaffected.
+
+A request asking for prompt logprobs computes its whole prompt (as in vLLM): its blocks
+are hashed with a key of its own, so the prefix cache never gives it another request's
+blocks (after a preemption it may find its own, whose positions it has already scored).
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -15,8 +22,13 @@ import torch
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.distributed.worker import is_torchrun_worker, run_torchrun_worker
 from engine.engine_setup import build_engine_parts
+from engine.fault_isolation import RequestFailedError, execute_isolating
+from engine.logprobs import PositionLogprobs, logprob_dict
+from engine.model_runner import RequestSampling
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.parallel_sampling import SampleGroup
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 
@@ -25,12 +37,11 @@ PromptType = Union[str, dict]
 
 
 @dataclass
-class _RequestState:
-    """Engine-side state of one in-flight request (the scheduler owns `request`)."""
+class _SampleState:
+    """Engine-side state of one sample in flight (the scheduler owns `request`)."""
     request: Request
-    prompt: Optional[str]
-    params: SamplingParams
-    generator: Optional[torch.Generator]
+    group: SampleGroup
+    index: int
     detokenizer: IncrementalDetokenizer
     num_detokenized: int = 0
     logprobs: Optional[list[dict[int, Logprob]]] = None
@@ -40,8 +51,16 @@ class _RequestState:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        """Under torchrun with tensor_parallel_size > 1, ranks other than 0 never return:
+        they serve rank 0's engine and exit the process when it shuts down."""
         self.config = config
+        if is_torchrun_worker(config):
+            run_torchrun_worker(config)
+            raise SystemExit(0)
         parts = build_engine_parts(config)
+        # Stops the tensor-parallel workers on shutdown(), garbage collection or exit.
+        self._stop_workers = weakref.finalize(
+            self, parts.workers.shutdown if parts.workers else lambda: None)
         self.platform = parts.platform
         self.tokenizer = parts.tokenizer
         self.hf_config = parts.hf_config
@@ -50,45 +69,67 @@ class LLMEngine:
         self.scheduler = parts.scheduler
         self.vocab_size = parts.vocab_size
         self.eos_token_id = parts.eos_token_id
-        self._states: dict[str, _RequestState] = {}
+        self._groups: dict[str, SampleGroup] = {}
+        self._states: dict[str, _SampleState] = {}
+        self._failures: dict[str, Exception] = {}  # of this step, by request id
+        #: token id -> its text alone (the decoded_token of logprobs), cached
+        self.decode_token = functools.lru_cache(maxsize=None)(
+            lambda token_id: self.tokenizer.decode([token_id]))
 
     # ---- requests -------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: Optional[SamplingParams] = None) -> None:
         """Queue a request; ValueError naming the field if it can never be served."""
-        if request_id in self._states:
+        if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got "
                              f"{type(params).__name__}")
-        if params.n != 1:
-            raise ValueError(f"n={params.n}: only n=1 is supported so far")
-        prompt_text, prompt_token_ids = self._tokenize(prompt)
-        self._check_prompt_length(prompt_token_ids)
+        prompt_text, prompt_token_ids = self.tokenize_prompt(prompt)
+        group = SampleGroup(request_id, prompt_text, prompt_token_ids, params,
+                            self._generator)
+        busy = [sid for sid in group.sample_ids
+                if sid in self._states or sid in self.scheduler.requests]
+        if busy:
+            raise ValueError(f"request_id {request_id!r}: its sample id {busy[0]!r} is "
+                             "already in flight")
+        extra_keys = () if params.prompt_logprobs is None else (("prompt_logprobs", request_id),)
         request = Request(request_id, prompt_token_ids, params,
-                          eos_token_id=self.eos_token_id)
+                          eos_token_id=self.eos_token_id, extra_keys=extra_keys)
         self.scheduler.add_request(request)
-        self._states[request_id] = _RequestState(
-            request=request, prompt=prompt_text, params=params,
-            generator=self._generator(params),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
+        self._groups[request_id] = group
+        self._add_sample(request, group, 0)
+
+    def _add_sample(self, request: Request, group: SampleGroup, index: int) -> None:
+        params = group.params
+        self._states[request.request_id] = _SampleState(
+            request=request, group=group, index=index,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids, params),
             logprobs=[] if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None)
 
     def abort_request(self, request_ids: Union[str, list[str]]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        live = [rid for rid in ids if rid in self._states]
-        self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
-        for rid in live:
-            del self._states[rid]
+        for group in [self._groups.pop(rid) for rid in ids if rid in self._groups]:
+            live = [sid for sid in group.sample_ids if sid in self._states]
+            self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
+            for sid in live:
+                del self._states[sid]
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._states)
+        return bool(self._groups)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._states)
+        return len(self._groups)
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        """(prompt text or None, prompt token ids); ValueError for an empty, malformed or
+        too long prompt."""
+        prompt_text, prompt_token_ids = self._tokenize(prompt)
+        self._check_prompt_length(prompt_token_ids)
+        return prompt_text, prompt_token_ids
 
     def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
@@ -115,35 +156,85 @@ class LLMEngine:
             raise ValueError(f"prompt is {len(prompt_token_ids)} tokens long, more than "
                              f"max_model_len={max_model_len}")
 
-    def _generator(self, params: SamplingParams) -> Optional[torch.Generator]:
-        if params.seed is None:
-            return None
+    def _generator(self, seed: int) -> torch.Generator:
         generator = torch.Generator(device=self.model_runner.device)
-        generator.manual_seed(params.seed)
+        generator.manual_seed(seed)
         return generator
 
     # ---- the step loop --------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; outputs of every request that advanced or finished."""
+        """Run one scheduler step; outputs of every request that advanced or finished.
+
+        Requests whose processing raised are dropped, and the step ends with a
+        RequestFailedError holding them and the others' outputs (engine.fault_isolation).
+        """
         scheduler_output = self.scheduler.schedule()
-        sampling = {r.request_id: (self._states[r.request_id].params,
-                                   self._states[r.request_id].generator)
+        sampling = {r.request_id: self._step_sampling(self._states[r.request_id])
                     for r in scheduler_output.scheduled_requests}
-        runner_output = self.model_runner.execute_model(
-            scheduler_output, self.kv_cache_manager.get_block_ids, sampling)
-        advanced = self.scheduler.update_from_output(
-            scheduler_output, runner_output.sampled_token_ids)
+        runner_output, failures = execute_isolating(
+            lambda output: self.model_runner.execute_model(
+                output, self.kv_cache_manager.get_block_ids, sampling), scheduler_output)
+        for rid, error in failures.items():
+            self._fail(rid, error)
+        for rid, (first_position, positions) in runner_output.prompt_logprobs.items():
+            self._states[rid].group.add_prompt_logprobs(
+                first_position, [logprob_dict(p, self.decode_token) for p in positions])
+        # A request that drew its samples' first tokens forks them before taking its own.
+        forking = runner_output.sibling_token_ids
+        advanced = self.scheduler.update_from_output(scheduler_output, {
+            rid: ids for rid, ids in runner_output.sampled_token_ids.items() if rid not in forking})
+        new_logprobs = dict(runner_output.logprobs)
+        for rid, sibling_token_ids in forking.items():
+            samples = self._fork(rid, runner_output.sampled_token_ids[rid] + sibling_token_ids)
+            advanced += samples
+            for sample, positions in zip(samples[1:], runner_output.sibling_logprobs.get(rid, ())):
+                new_logprobs[sample.request_id] = [positions]
         touched = {r.request_id: r for r in advanced}
         # Requests finished outside update_from_output (e.g. ignored) show up here.
         for rid in scheduler_output.finished_request_ids:
             if rid in self._states:
                 touched.setdefault(rid, self._states[rid].request)
-        return [self._process(request, runner_output.logprobs.get(rid))
-                for rid, request in touched.items() if rid in self._states]
+        groups = {}
+        for rid in touched:
+            if rid in self._states:
+                try:
+                    group = self._process(self._states[rid], new_logprobs.get(rid, ()))
+                except Exception as error:
+                    self._fail(rid, error)
+                    continue
+                groups[group.request_id] = group
+        outputs = [self._group_output(group) for group in groups.values()
+                   if group.request_id in self._groups]
+        if self._failures:
+            failures, self._failures = self._failures, {}
+            raise RequestFailedError(failures, outputs)
+        return outputs
 
-    def _process(self, request: Request, new_logprobs) -> RequestOutput:
-        state = self._states[request.request_id]
+    def _fail(self, sample_id: str, error: Exception) -> None:
+        """Drop the request a failing sample belongs to, all its samples with it."""
+        state = self._states.get(sample_id)
+        if state is None:  # a sibling sample failed first
+            return
+        self._failures[state.group.request_id] = error
+        self.abort_request(state.group.request_id)
+
+    def _step_sampling(self, state: _SampleState) -> RequestSampling:
+        group = state.group
+        return RequestSampling(group.params, group.step_generators(state.index),
+                               prompt_logprobs=state.index == 0 and group.needs_prompt_logprobs)
+
+    def _fork(self, request_id: str, first_token_ids: list[int]) -> list[Request]:
+        state = self._states[request_id]
+        samples = state.group.fork(self.scheduler, state.request, first_token_ids)
+        for index, sample in enumerate(samples[1:], start=1):
+            self._add_sample(sample, state.group, index)
+        return samples
+
+    def _process(self, state: _SampleState, new_logprobs: list[PositionLogprobs]) -> SampleGroup:
+        """Detokenize a sample's new tokens (a stop string finishes it), record its logprobs
+        and hand its completion to its group."""
+        request = state.request
         new_token_ids = request.output_token_ids[state.num_detokenized:]
         state.num_detokenized = request.num_output_tokens
         if new_token_ids and not state.stopped_by_string:
@@ -153,48 +244,45 @@ class LLMEngine:
                 if not request.is_finished():
                     self.scheduler.finish_requests([request.request_id],
                                                    RequestStatus.FINISHED_STOPPED)
-        if new_logprobs and state.logprobs is not None:
-            self._append_logprobs(state, new_logprobs)
-        output = self._make_output(state)
-        if output.finished:
+        if state.logprobs is not None:
+            for position in new_logprobs:
+                state.logprobs.append(logprob_dict(position, self.decode_token))
+                state.cumulative_logprob += position.logprob
+        completion = self._completion(state)
+        state.group.update(completion)
+        if completion.finished():
             del self._states[request.request_id]
-        return output
+        return state.group
 
-    def _append_logprobs(self, state: _RequestState, new_logprobs) -> None:
-        for token_id, token_logprob, top_ids, top_logprobs in new_logprobs:
-            entry = {tid: Logprob(lp, rank=rank, decoded_token=self._decode_one(tid))
-                     for rank, (tid, lp) in enumerate(zip(top_ids, top_logprobs), start=1)}
-            # The sampled token is always listed; its rank is known only inside the top-k.
-            entry.setdefault(token_id, Logprob(token_logprob,
-                                               decoded_token=self._decode_one(token_id)))
-            state.logprobs.append(entry)
-            state.cumulative_logprob += token_logprob
-
-    def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-    def _make_output(self, state: _RequestState) -> RequestOutput:
+    def _completion(self, state: _SampleState) -> CompletionOutput:
         request = state.request
         finished = request.is_finished()
         finish_reason, stop_reason = request.finish_reason, request.stop_reason
         if state.stopped_by_string:
             finish_reason, stop_reason = "stop", state.detokenizer.stop_reason
-        completion = CompletionOutput(
-            index=0, text=state.detokenizer.output_text,
+        return CompletionOutput(
+            index=state.index, text=state.detokenizer.output_text,
             token_ids=list(request.output_token_ids),
             cumulative_logprob=state.cumulative_logprob,
             logprobs=list(state.logprobs) if state.logprobs is not None else None,
             finish_reason=finish_reason if finished else None,
             stop_reason=stop_reason if finished else None)
-        return RequestOutput(request.request_id, state.prompt, request.prompt_token_ids,
-                             [completion], finished)
+
+    def _group_output(self, group: SampleGroup) -> RequestOutput:
+        output = group.make_output()
+        if output.finished:
+            del self._groups[group.request_id]
+        return output
 
     # ---- introspection --------------------------------------------------------
 
     def get_tokenizer(self):
         return self.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (no-op without them, or when already done)."""
+        self._stop_workers()
+
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
-

@@ -44,7 +44,8 @@ def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 
 
 def sampled_position_logprobs(logits: torch.Tensor, sampler_output,
-                              num_logprobs: list[Optional[int]]) -> list[Optional[PositionLogprobs]]:
+                              num_logprobs: list[Optional[int]]
+                              ) -> list[Optional[PositionLogprobs]]:
     """The sampler's logprobs of each row ([N, V] raw logits), None for rows that do not ask;
     row i keeps its first num_logprobs[i] of the batch's top-k."""
     if all(k is None for k in num_logprobs):

@@ -8,35 +8,58 @@ that sample, and samples them.
 KV cache layout: `kv_caches[layer] = (key_cache, value_cache)`, each shaped
 by `attn_backend.kv_cache_shape(num_blocks, block_size, num_kv_heads,
 head_size)`; dim 0 is always the block id (block copies index it).
+
+Tensor parallelism: every rank has a runner over its model shard and the KV
+cache of its heads. Rank 0 turns each scheduler step into a `StepPlan`,
+sends it to the other ranks, and all run it with `execute_plan`; rank 0
+alone samples. The ranks agree on the number of KV blocks (the smallest).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from engine.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from engine.distributed.communication import all_reduce_min
+from engine.distributed.parallel_state import get_tp_group
+from engine.distributed.step_channel import send_step
+from engine.logprobs import (PositionLogprobs, prompt_chunk_logprobs, prompt_chunks,
+                             sampled_position_logprobs)
 from engine.sampler import Sampler, SamplingMetadata
 from engine.sampling_params import SamplingParams
-from engine.step_inputs import StepInputs, dummy_step_inputs, prepare_step_inputs
+from engine.step_inputs import StepPlan, dummy_step_inputs, gather_step_arrays
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelRunnerOutput:
-    """Per sampling request: the new token ids, and their logprobs when asked.
+class RequestSampling:
+    """How a scheduled request samples: its params; one generator (None: torch's default)
+    per token to draw from its last logits row, several only to draw the first tokens of its
+    parallel samples too; whether to score the prompt tokens its chunk computes."""
+    params: SamplingParams
+    generators: list[Optional[torch.Generator]] = field(default_factory=lambda: [None])
+    prompt_logprobs: bool = False
 
-    `logprobs[request_id]` has one entry per new token: (token id, its
-    logprob, top-k ids, top-k logprobs) with k = SamplingParams.logprobs;
-    present only for requests that set it.
+
+@dataclass
+class ModelRunnerOutput:
+    """Per request that sampled: `sampled_token_ids[rid]` = [its token] and, when its params
+    ask for logprobs, `logprobs[rid]` = [its PositionLogprobs]. The tokens drawn with its
+    further generators are in `sibling_token_ids[rid]` (and `sibling_logprobs[rid]`).
+    `prompt_logprobs[rid]` = (first prompt position scored, one PositionLogprobs per scored
+    position) for requests whose RequestSampling asks.
     """
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    logprobs: dict[str, list[tuple[int, float, list[int], list[float]]]] = \
-        field(default_factory=dict)
+    logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    sibling_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    sibling_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, tuple[int, list[PositionLogprobs]]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -45,7 +68,8 @@ class ModelRunner:
         self.platform = platform
         self.attn_backend = attn_backend
         self.model = model
-        self.device = platform.torch_device()
+        self.tp_group = get_tp_group()
+        self.device = platform.torch_device(self.tp_group.local_rank)
         self.dtype = next(model.parameters()).dtype
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -92,7 +116,8 @@ class ModelRunner:
                 "kv_cache_memory"
         else:
             budget, field_name = self._kv_budget_from_profile(), "gpu_memory_utilization"
-        num_blocks = min(budget // self.block_bytes(), cfg.max_num_seqs * blocks_per_seq)
+        num_blocks = all_reduce_min(
+            min(budget // self.block_bytes(), cfg.max_num_seqs * blocks_per_seq))
         if num_blocks < blocks_per_seq:
             raise ValueError(f"{field_name}: the KV cache budget of {budget} bytes holds "
                              f"{num_blocks} blocks, fewer than one max_model_len sequence "
@@ -150,49 +175,70 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output, get_block_ids: Callable[[str], list[int]],
-                      sampling: dict[str, Any]) -> ModelRunnerOutput:
+                      sampling: dict[str, RequestSampling]) -> ModelRunnerOutput:
         """Run one step.
 
-        `get_block_ids(request_id)` gives a request's block table;
-        `sampling[request_id]` = (SamplingParams, torch.Generator | None).
+        `get_block_ids(request_id)` gives a request's block table; `sampling[request_id]`
+        says how each scheduled request samples.
         """
-        self.copy_blocks(scheduler_output.block_copies)
-        if scheduler_output.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput()
-        inputs = prepare_step_inputs(scheduler_output, get_block_ids,
-                                     self.config.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
-        if not inputs.sampling_requests:
-            return ModelRunnerOutput()
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        return self._sample(logits, inputs, sampling)
-
-    def _sample(self, logits: torch.Tensor, inputs: StepInputs,
-                sampling: dict[str, Any]) -> ModelRunnerOutput:
-        requests = inputs.sampling_requests
-        params = [sampling[r.request_id][0] for r in requests]
-        metadata = SamplingMetadata.build(
-            params, [r.prompt_token_ids for r in requests],
-            [r.output_token_ids for r in requests],
-            [sampling[r.request_id][1] for r in requests], self.device, logits.shape[-1],
-            eos_token_ids=[r.eos_token_id for r in requests])
-        sampler_output = self.sampler(logits, metadata)
-        token_ids = sampler_output.sampled_token_ids.tolist()
-        output = ModelRunnerOutput(
-            {r.request_id: [t] for r, t in zip(requests, token_ids)})
-        if metadata.max_num_logprobs is not None:
-            self._collect_logprobs(output, requests, params, token_ids, sampler_output)
+        output = ModelRunnerOutput()
+        plan = StepPlan(scheduler_output.block_copies)
+        chunks, sampling_requests = [], []
+        if scheduler_output.total_num_scheduled_tokens:
+            plan.arrays, sampling_requests = gather_step_arrays(scheduler_output, get_block_ids)
+            chunks = prompt_chunks(scheduler_output,
+                                   lambda rid: sampling[rid].params.prompt_logprobs
+                                   if sampling[rid].prompt_logprobs else None)
+        if chunks:
+            plan.logits_rows.append(np.array(
+                [row for chunk in chunks for row in chunk.hidden_rows], np.int64))
+        if sampling_requests:
+            plan.logits_rows.append(plan.arrays.sampling_rows())
+        if self.tp_group.world_size > 1:
+            send_step(plan)
+        logits = self.execute_plan(plan)
+        if chunks:
+            output.prompt_logprobs = prompt_chunk_logprobs(logits.pop(0), chunks)
+        if sampling_requests:
+            self._sample(output, logits.pop(0), sampling_requests, sampling)
         return output
 
-    @staticmethod
-    def _collect_logprobs(output: ModelRunnerOutput, requests, params, token_ids,
-                          sampler_output) -> None:
-        sampled = sampler_output.sampled_logprobs.tolist()
-        top_ids = sampler_output.logprob_token_ids.tolist()
-        top_logprobs = sampler_output.logprobs.tolist()
-        for i, (request, param) in enumerate(zip(requests, params)):
-            if param.logprobs is None:
-                continue
-            k = param.logprobs
-            output.logprobs[request.request_id] = [
-                (token_ids[i], sampled[i], top_ids[i][:k], top_logprobs[i][:k])]
+    @torch.inference_mode()
+    def execute_plan(self, plan: StepPlan) -> list[torch.Tensor]:
+        """Run `plan` on this rank: `logits [n, vocab]` float32 per entry of plan.logits_rows."""
+        self.copy_blocks(plan.block_copies)
+        if plan.arrays is None:
+            return []
+        inputs = plan.arrays.pack(self.config.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
+        return [self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device)])
+                for rows in plan.logits_rows]
+
+    def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, requests: list,
+                sampling: dict[str, RequestSampling]) -> None:
+        """Row i of logits [N, V] is requests[i]'s; it is repeated once per generator."""
+        specs = [sampling[r.request_id] for r in requests]
+        owners = [i for i, spec in enumerate(specs) for _ in spec.generators]
+        if len(owners) > len(requests):
+            logits = logits[torch.tensor(owners, device=logits.device)]
+        rows = [requests[i] for i in owners]
+        params = [specs[i].params for i in owners]
+        metadata = SamplingMetadata.build(
+            params, [r.prompt_token_ids for r in rows], [r.output_token_ids for r in rows],
+            [g for spec in specs for g in spec.generators], self.device, logits.shape[-1],
+            eos_token_ids=[r.eos_token_id for r in rows])
+        sampler_output = self.sampler(logits, metadata)
+        token_ids = sampler_output.sampled_token_ids.tolist()
+        positions = sampled_position_logprobs(logits, sampler_output,
+                                              [p.logprobs for p in params])
+        row = 0
+        for request, spec in zip(requests, specs):
+            rid, end = request.request_id, row + len(spec.generators)
+            output.sampled_token_ids[rid] = token_ids[row:row + 1]
+            if positions[row] is not None:
+                output.logprobs[rid] = positions[row:row + 1]
+            if end > row + 1:
+                output.sibling_token_ids[rid] = token_ids[row + 1:end]
+                if positions[row] is not None:
+                    output.sibling_logprobs[rid] = positions[row + 1:end]
+            row = end

@@ -10,13 +10,17 @@ Layouts (T = scheduled tokens, S = scheduled requests, N = sampling rows):
 `AttentionMetadata` of the platform contract: `slot_mapping [T]` int64,
 `block_tables [S, max_blocks]` int32, `seq_lens [S]` int32,
 `query_start_loc [S + 1]` int32.
+
+Under tensor parallelism rank 0 gathers the per-request host arrays
+(`StepArrays`, numpy) and sends them in a `StepPlan`; every rank packs them
+into its own device tensors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -36,9 +40,47 @@ class StepInputs:
     num_blocks_needed: int
 
 
-def prepare_step_inputs(scheduler_output, get_block_ids: Callable[[str], list[int]],
-                        block_size: int, device: torch.device) -> StepInputs:
-    """Inputs for `scheduler_output`; chunk i covers tokens num_computed_tokens.. of request i."""
+@dataclass
+class StepArrays:
+    """One step's scheduled chunks as per-request host arrays (S = scheduled requests).
+
+    `token_ids [T]` int64 (the chunks, concatenated), `num_computed [S]` and
+    `num_new [S]` int64, `block_tables [S, max_blocks]` int32 (zero-padded),
+    `samples [S]` bool (the chunk reaches the end of the request's known
+    tokens, so its last row is sampled).
+    """
+    token_ids: np.ndarray
+    num_computed: np.ndarray
+    num_new: np.ndarray
+    block_tables: np.ndarray
+    samples: np.ndarray
+
+    def sampling_rows(self) -> np.ndarray:
+        """`[N]` int64: the hidden-state row of each sampling chunk's last token."""
+        return np.cumsum(self.num_new)[self.samples] - 1
+
+    def pack(self, block_size: int, device: torch.device) -> StepInputs:
+        return pack_step_inputs(self.token_ids, self.num_computed, self.num_new,
+                                self.block_tables, self.samples, block_size, device)
+
+
+@dataclass
+class StepPlan:
+    """What every tensor-parallel rank does in one step, in order (picklable).
+
+    Copy `block_copies` (src, dst) in the KV cache; when `arrays` is set, run
+    the forward pass over them; then compute one logits tensor per entry of
+    `logits_rows` (`[n]` int64 rows of the hidden states).
+    """
+    block_copies: list[tuple[int, int]]
+    arrays: Optional[StepArrays] = None
+    logits_rows: list[np.ndarray] = field(default_factory=list)
+
+
+def gather_step_arrays(scheduler_output,
+                       get_block_ids: Callable[[str], list[int]]) -> tuple[StepArrays, list]:
+    """(the step's arrays, the requests that sample, in row order); chunk i covers tokens
+    num_computed_tokens.. of scheduled request i."""
     requests = scheduler_output.scheduled_requests
     num_new = np.fromiter((scheduler_output.num_scheduled_tokens[r.request_id]
                            for r in requests), np.int64, len(requests))
@@ -51,9 +93,16 @@ def prepare_step_inputs(scheduler_output, get_block_ids: Callable[[str], list[in
     block_tables = _pad_block_tables([get_block_ids(r.request_id) for r in requests])
     num_known = np.fromiter((r.num_tokens for r in requests), np.int64, len(requests))
     samples = num_computed + num_new >= num_known
-    inputs = pack_step_inputs(token_ids, num_computed, num_new, block_tables, samples,
-                              block_size, device)
-    inputs.sampling_requests = [r for r, s in zip(requests, samples) if s]
+    arrays = StepArrays(token_ids, num_computed, num_new, block_tables, samples)
+    return arrays, [r for r, s in zip(requests, samples) if s]
+
+
+def prepare_step_inputs(scheduler_output, get_block_ids: Callable[[str], list[int]],
+                        block_size: int, device: torch.device) -> StepInputs:
+    """Inputs for `scheduler_output`, packed on `device`."""
+    arrays, sampling_requests = gather_step_arrays(scheduler_output, get_block_ids)
+    inputs = arrays.pack(block_size, device)
+    inputs.sampling_requests = sampling_requests
     return inputs
 
 

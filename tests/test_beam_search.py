@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from benchmarks.parallel_sampling import StepProbe
 from cpu_threads import single_torch_thread  # noqa: F401
 from engine import LLM
 from engine.beam_search import BeamSearchOutput
@@ -102,23 +103,41 @@ def used_blocks(llm) -> int:
     return kv.num_blocks - kv.num_free_blocks
 
 
-# engine variant -> LLM keyword arguments: plenty of room; or a pool so small that beams are
-# preempted and recomputed, with 8-token steps (chunked prefill, beams of a prompt split
-# across steps)
-VARIANTS = {
-    "roomy": dict(block_size=4),
-    "tight": dict(block_size=4, num_gpu_blocks_override=28, max_num_batched_tokens=8,
-                  max_num_seqs=8),
-}
+def engine_kwargs(variant: str, beam_width: int) -> dict:
+    """Plenty of room; or a KV pool so small that beams are preempted and recomputed, with
+    8-token steps (chunked prefill, and a prompt's beams split across steps)."""
+    if variant == "roomy":
+        return dict(block_size=4)
+    return dict(block_size=4, num_gpu_blocks_override=5 * beam_width,
+                max_num_batched_tokens=16, max_num_seqs=16)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+class ForkCounter:
+    """Wraps Scheduler.fork_request: beams grown by a token, and beams cloned (same tokens)
+    because only some of their prompt's beams ran in a step."""
+
+    def __init__(self, scheduler):
+        self.fork_request = scheduler.fork_request
+        scheduler.fork_request = self
+        self.num_grown = self.num_cloned = 0
+
+    def __call__(self, parent, child):
+        if child.num_tokens == parent.num_tokens:
+            self.num_cloned += 1
+        else:
+            self.num_grown += 1
+        return self.fork_request(parent, child)
+
+
+@pytest.mark.parametrize("variant", ["roomy", "tight"])
 @pytest.mark.parametrize("beam_width, length_penalty", [(2, 1.0), (4, 1.0), (4, 0.5), (2, 2.0)])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_beam_search_equals_hf(eos_prone_model, name, beam_width, length_penalty, variant):
     model_dir = eos_prone_model(name)
     expected, pad_token_id = hf_beam_search(model_dir, PROMPTS, beam_width, length_penalty)
-    llm = LLM(model=str(model_dir), device="cpu", dtype="float32", **VARIANTS[variant])
+    llm = LLM(model=str(model_dir), device="cpu", dtype="float32",
+              **engine_kwargs(variant, beam_width))
+    forks = ForkCounter(llm.llm_engine.scheduler)
     params = BeamSearchParams(beam_width=beam_width, max_tokens=MAX_TOKENS,
                               length_penalty=length_penalty)
     outputs = llm.beam_search(PROMPTS, params)
@@ -128,31 +147,23 @@ def test_beam_search_equals_hf(eos_prone_model, name, beam_width, length_penalty
     assert finish_reasons == {"stop", "length"}, "both ways of finishing must be exercised"
     assert used_blocks(llm) == 0
     assert not llm.llm_engine.scheduler.has_unfinished_requests()
+    assert forks.num_grown >= len(PROMPTS) * beam_width
     if variant == "tight":
-        assert llm.llm_engine.num_preemptions > 0
+        assert llm.llm_engine.num_preemptions > 0 and forks.num_cloned > 0
 
 
 def test_beams_share_the_prompt_blocks(eos_prone_model):
     """A 100-token prompt, 4 beams: the peak of blocks in use stays far below 4 copies."""
     llm = LLM(model=str(eos_prone_model("llama")), device="cpu", dtype="float32",
               block_size=4)
-    engine = llm.llm_engine
-    peak = 0
-    schedule = engine.scheduler.schedule
-
-    def schedule_and_measure():
-        nonlocal peak
-        output = schedule()
-        peak = max(peak, used_blocks(llm))
-        return output
-
-    engine.scheduler.schedule = schedule_and_measure
+    probe = StepProbe(llm)
     prompt = {"prompt_token_ids": list(range(4, 104))}
     (output,) = llm.beam_search([prompt], BeamSearchParams(beam_width=4, max_tokens=MAX_TOKENS,
                                                            ignore_eos=True))
     assert [len(s.tokens) for s in output.sequences] == [100 + MAX_TOKENS] * 4
     own_blocks = cdiv(100 + MAX_TOKENS, 4)
-    assert own_blocks <= peak <= own_blocks + 4 * 2 * cdiv(MAX_TOKENS, 4)
+    assert own_blocks <= probe.peak_blocks <= own_blocks + 4 * 2 * cdiv(MAX_TOKENS, 4)
+    assert probe.prompt_tokens == 100
     assert used_blocks(llm) == 0
 
 

@@ -4,6 +4,11 @@ Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
 GET /health, GET /version, GET /metrics. With an API key, every /v1 route
 wants `Authorization: Bearer <key>`; health, version and metrics stay open for
 probes and scrapers.
+
+Graceful shutdown: on SIGTERM (or SIGINT) the server stops listening, the
+engine refuses new requests (503) and /health turns 503, requests in flight run
+on for up to `shutdown_timeout` seconds, then those left fail with a clean
+error (a 503 body, or an error event ending the stream); the process exits 0.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import contextlib
 import importlib.metadata
 import logging
 import secrets
+import signal
+import threading
 from typing import Optional
 
 import uvicorn
@@ -92,8 +99,8 @@ def _add_routes(app: FastAPI, engine: AsyncLLMEngine, served_model_names: list[s
                 chat: OpenAIServingChat) -> None:
     @app.get("/health")
     async def health() -> Response:
-        if not engine.is_running:
-            return error_response(503, "the engine is not running")
+        if not engine.is_accepting:
+            return error_response(503, "the engine is not running or is shutting down")
         return Response(status_code=200)
 
     @app.get("/version")
@@ -125,17 +132,71 @@ def _version() -> str:
     return importlib.metadata.version("pagedllm")
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, whose first exit signal also starts draining the engine.
+
+    uvicorn itself stops listening and waits for the open requests; the engine
+    refuses new ones at once (requests on kept-alive connections included),
+    and `shutdown_timeout` seconds later fails those still running, so that
+    every response ends cleanly and the wait is bounded.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, shutdown_timeout: float):
+        super().__init__(config)
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+        self._deadline: Optional[threading.Timer] = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._deadline is None:
+            logger.info("signal %s: draining, at most %.1f s", sig, self.shutdown_timeout)
+            self.engine.stop_accepting()
+            self._deadline = threading.Timer(self.shutdown_timeout, self.engine.shutdown)
+            self._deadline.daemon = True
+            self._deadline.start()
+        super().handle_exit(sig, frame)
+
+    async def serve(self, sockets=None) -> None:
+        try:
+            await super().serve(sockets)
+        finally:
+            if self._deadline is not None:  # drained before the deadline
+                self._deadline.cancel()
+
+
 def run_server(args: argparse.Namespace) -> None:
-    """Load the engine the flags describe, then serve it until interrupted."""
+    """Load the engine the flags describe, then serve it until a signal drains it."""
     from engine.cli import engine_kwargs
     from engine.model_loader import DEFAULT_MODEL
 
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"shutdown_timeout must be >= 0, got {args.shutdown_timeout}")
     kwargs = engine_kwargs(args)
     kwargs["model"] = args.model_tag or args.model
-    engine = AsyncLLMEngine.from_config(EngineConfig(**kwargs))
+    engine = AsyncLLMEngine.from_config(EngineConfig(**kwargs), args.max_num_waiting)
     served_model_names = args.served_model_name or [kwargs["model"] or DEFAULT_MODEL]
     try:
         app = build_app(engine, served_model_names, args.api_key)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+        # Responses still open when uvicorn gives up are cut; the engine fails
+        # them cleanly first, at shutdown_timeout.
+        config = uvicorn.Config(app, host=args.host, port=args.port,
+                                log_level=args.uvicorn_log_level,
+                                timeout_graceful_shutdown=args.shutdown_timeout + 5)
+        server = DrainingServer(config, engine, args.shutdown_timeout)
+        with _signals_end_quietly():
+            server.run()
     finally:
         engine.shutdown()
+
+
+@contextlib.contextmanager
+def _signals_end_quietly():
+    """uvicorn re-raises the exit signal once it has shut down; by then the
+    shutdown was graceful, so it must not kill the process (exit status 0)."""
+    previous = {sig: signal.signal(sig, lambda *_: None)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

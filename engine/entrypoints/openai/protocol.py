@@ -4,7 +4,10 @@ Requests take OpenAI's fields plus vLLM's sampling extensions (top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids); unknown fields are
 ignored, as OpenAI-compatible servers do. A null sampling field means its
 default. Range checks are left to SamplingParams, whose ValueErrors name the
-field, so one rule holds for the offline and the server API.
+field, so one rule holds for the offline and the server API; only what the
+OpenAI API itself bounds more tightly (logit_bias values) is checked here.
+Strings must be encodable as UTF-8: JSON may carry lone surrogates
+("\\ud800"), which the tokenizer cannot take.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
     model_serializer
 
 from engine.sampling_params import SamplingParams
+
+#: OpenAI's range of a logit_bias value; beyond it, biases only overflow the logits
+MAX_LOGIT_BIAS = 100.0
 
 
 class RequestModel(BaseModel):
@@ -47,6 +53,13 @@ class SamplingRequest(RequestModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strings_are_unicode(cls, value):
+        if _has_surrogate(value):
+            raise ValueError("strings must be valid Unicode (got a lone UTF-16 surrogate)")
+        return value
+
     @field_validator("stream_options")
     @classmethod
     def _only_when_streaming(cls, value, info: ValidationInfo):
@@ -77,14 +90,33 @@ class SamplingRequest(RequestModel):
             prompt_logprobs=prompt_logprobs)
 
 
+def _has_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(item) for item in value)
+    return False
+
+
 def _token_id_keys(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
     """OpenAI sends logit_bias keys as strings of token ids."""
     if logit_bias is None:
         return None
     try:
-        return {int(token_id): bias for token_id, bias in logit_bias.items()}
+        biases = {int(token_id): bias for token_id, bias in logit_bias.items()}
     except ValueError:
         raise ValueError(f"logit_bias keys must be token ids, got {list(logit_bias)}") from None
+    for token_id, bias in biases.items():
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS}, "
+                             f"{MAX_LOGIT_BIAS}], got {bias} for token {token_id}")
+    return biases
 
 
 class CompletionRequest(SamplingRequest):

@@ -36,6 +36,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_prompt_length(len(prompt_token_ids), "messages")
         num_top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, request.max_output_tokens, num_top_logprobs)
+        self.check_max_tokens(len(prompt_token_ids), params.max_tokens, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self.add_requests(
             fan_out(request_id, {"prompt_token_ids": prompt_token_ids}, params), _FIELDS)

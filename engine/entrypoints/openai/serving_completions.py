@@ -67,6 +67,8 @@ class OpenAIServingCompletion(OpenAIServing):
         echo_logprobs = request.logprobs if request.echo else None
         params = self.sampling_params(request, request.max_tokens, request.logprobs,
                                       prompt_logprobs=echo_logprobs)
+        self.check_max_tokens(max(len(prompt.token_ids) for prompt in prompts),
+                              params.max_tokens, "prompt")
         batch = _Batch(request, model_name, prompts, params)
         requests = [engine_request for p, prompt in enumerate(prompts)
                     for engine_request in fan_out(f"{batch.id}-{p}", {

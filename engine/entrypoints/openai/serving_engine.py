@@ -18,9 +18,11 @@ from fastapi import Request
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
+from engine.admission import EngineOverloadedError
 from engine.async_engine import AsyncLLMEngine, EngineRequest, EngineShutdownError, \
     RequestStream
-from engine.entrypoints.openai.errors import OpenAIError, bad_request, invalid_value
+from engine.entrypoints.openai.errors import OpenAIError, as_openai_error, bad_request, \
+    invalid_value
 from engine.entrypoints.openai.protocol import SamplingRequest, UsageInfo
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -34,6 +36,7 @@ class OpenAIServing:
         self.served_model_names = served_model_names
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.max_model_len = engine.config.max_model_len
+        self.max_num_seqs = engine.config.max_num_seqs
         self.vocab_size = engine.engine.vocab_size
         self.token_text = functools.lru_cache(maxsize=65536)(self._decode_token)
 
@@ -52,6 +55,14 @@ class OpenAIServing:
                               f"{self.max_model_len} tokens, but the {param} has "
                               f"{num_tokens} tokens.", param)
 
+    def check_max_tokens(self, num_tokens: int, max_tokens: Optional[int], param: str) -> None:
+        """Prompt and max_tokens must fit the context together, as OpenAI and vLLM require."""
+        if max_tokens is not None and num_tokens + max_tokens > self.max_model_len:
+            raise bad_request(f"This model's maximum context length (max_model_len) is "
+                              f"{self.max_model_len} tokens, but {num_tokens + max_tokens} "
+                              f"were requested ({num_tokens} in the {param}, {max_tokens} "
+                              f"in max_tokens).", "max_tokens")
+
     def sampling_params(self, request: SamplingRequest, max_tokens: Optional[int],
                         logprobs: Optional[int],
                         prompt_logprobs: Optional[int] = None) -> SamplingParams:
@@ -59,6 +70,9 @@ class OpenAIServing:
             params = request.to_sampling_params(max_tokens, logprobs, prompt_logprobs)
         except ValueError as err:
             raise invalid_value(err, set(type(request).model_fields)) from None
+        if params.n > self.max_num_seqs:  # n is also the number of engine requests made
+            raise bad_request(f"n must be at most max_num_seqs={self.max_num_seqs}, got "
+                              f"{params.n}", "n")
         # Out-of-vocabulary ids would fail the sampler mid-step, for the whole batch.
         for token_id in (params.logit_bias or {}):
             if token_id >= self.vocab_size:
@@ -72,12 +86,17 @@ class OpenAIServing:
 
     async def add_requests(self, requests: Sequence[EngineRequest],
                            fields: set[str]) -> RequestStream:
+        limit = self.engine.max_num_waiting
+        if limit is not None and len(requests) > limit:
+            raise bad_request(f"n: this request makes {len(requests)} sequences (prompts x n), "
+                              f"more than the server queues at once (max_num_waiting="
+                              f"{limit})", "n")
         try:
             return await self.engine.add_requests(requests)
         except ValueError as err:
             raise invalid_value(err, fields) from None
-        except EngineShutdownError as err:
-            raise OpenAIError(503, str(err)) from None
+        except (EngineShutdownError, EngineOverloadedError) as err:
+            raise as_openai_error(err) from None
 
     def _decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

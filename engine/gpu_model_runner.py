@@ -1,0 +1,117 @@
+"""The model runner's fast path on NVIDIA GPUs.
+
+Same steps and results as `ModelRunner` (greedy tokens equal on a float32
+model), less time per step:
+
+- inputs reach the GPU in one asynchronous copy from pinned memory
+  (engine.input_buffers) instead of one blocking copy per tensor;
+- LLaMA-family layers run the fused Triton kernels (engine.models.fused);
+- decode steps replay a CUDA graph (engine.cuda_graphs), padded up to the
+  nearest captured batch size;
+- when every sampled row is plain greedy (no penalties, bias, min_tokens
+  mask or logprobs), the sampler is one argmax.
+
+The step waits on the GPU once, to read the sampled token ids. `LLM(...,
+enforce_eager=True)` keeps the plain runner on a GPU too.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.cuda_graphs import DecodeGraphs, capture_sizes
+from engine.distributed.parallel_state import get_tp_group
+from engine.input_buffers import InputBuffers
+from engine.model_runner import ModelRunner, ModelRunnerOutput, RequestSampling
+from engine.sampling_params import SamplingParams, SamplingType
+from engine.step_inputs import StepInputs, StepPlan
+
+logger = logging.getLogger(__name__)
+
+_HOST = torch.device("cpu")
+
+
+def make_model_runner(config, platform, attn_backend, model: torch.nn.Module) -> ModelRunner:
+    """`GpuModelRunner` on the cuda platform (single rank, not enforce_eager), else
+    the plain `ModelRunner`."""
+    fast = (platform.name == "cuda" and not config.enforce_eager
+            and get_tp_group().world_size == 1)
+    runner_class = GpuModelRunner if fast else ModelRunner
+    return runner_class(config, platform, attn_backend, model)
+
+
+def plain_greedy(params: SamplingParams) -> bool:
+    """Whether argmax of the raw logits is this request's whole sampling step
+    (min_tokens is checked per request: it masks tokens only early on)."""
+    return (params.sampling_type == SamplingType.GREEDY and params.logprobs is None
+            and not params.logit_bias and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
+
+
+class GpuModelRunner(ModelRunner):
+    def __init__(self, config, platform, attn_backend, model: torch.nn.Module):
+        # Imported here: triton is needed only where this runner runs (CPU installs may lack it).
+        from engine.models.fused import fused_llama_forward
+
+        super().__init__(config, platform, attn_backend, model)
+        max_blocks_per_seq = -(-config.max_model_len // config.block_size)
+        self.buffers = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs,
+                                    max_blocks_per_seq, config.max_model_len, self.device)
+        self.forward_fn = fused_llama_forward(model, config.max_model_len) or model
+        self.graphs = None
+
+    def initialize_kv_cache(self) -> int:
+        num_blocks = super().initialize_kv_cache()
+        if self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self.forward, self.buffers,
+                                       capture_sizes(self.config.max_num_seqs))
+            self.graphs.capture()
+        return num_blocks
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """`hidden [T, hidden_size]` of the step, writing its K/V into the cache."""
+        return self.forward_fn(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
+
+    def _graph_size(self, inputs: StepInputs) -> int | None:
+        """The captured batch size this step replays, or None to run eagerly."""
+        num_tokens = inputs.input_ids.shape[0]
+        if self.graphs is None or num_tokens != inputs.attn.num_seqs:
+            return None
+        return self.graphs.padded_size(num_tokens)
+
+    @torch.inference_mode()
+    def execute_plan(self, plan: StepPlan) -> list[torch.Tensor]:
+        self.copy_blocks(plan.block_copies)
+        if plan.arrays is None:
+            return []
+        host_inputs = plan.arrays.pack(self.config.block_size, _HOST)
+        graph_size = self._graph_size(host_inputs)
+        inputs = self.buffers.stage(host_inputs, pad_to=graph_size)
+        hidden = self.forward(inputs) if graph_size is None else self.graphs.replay(graph_size)
+        sampling_rows = host_inputs.logits_indices.numpy()
+        logits = []
+        for rows in plan.logits_rows:
+            if rows.shape == sampling_rows.shape and (rows == sampling_rows).all():
+                index = inputs.logits_indices
+            else:
+                index = torch.from_numpy(rows).to(self.device)
+            logits.append(self.model.compute_logits(hidden[index]))
+        return logits
+
+    def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, requests: list,
+                sampling: dict[str, RequestSampling]) -> None:
+        specs = [sampling[r.request_id] for r in requests]
+        verdicts: dict[int, bool] = {}
+        for request, spec in zip(requests, specs):
+            params = spec.params
+            if id(params) not in verdicts:
+                verdicts[id(params)] = plain_greedy(params)
+            if not (verdicts[id(params)] and len(spec.generators) == 1
+                    and request.num_output_tokens >= params.min_tokens):
+                super()._sample(output, logits, requests, sampling)
+                return
+        token_ids = logits.argmax(dim=-1).tolist()
+        for request, token_id in zip(requests, token_ids):
+            output.sampled_token_ids[request.request_id] = [token_id]
