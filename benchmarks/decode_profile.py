@@ -5,12 +5,17 @@ requests, steps until every one of them is decoding, then profiles
 `num_steps` decode steps. GPU kernel time is split into attention (the
 paged attention and KV write kernels of either backend), GEMMs (cuBLAS /
 CUTLASS) and other kernels; the host gap is the step's wall time the GPU
-spends idle (wall time - kernel time). The phases of `LLMEngine.step` are
-timed with host clocks over the same steps.
+spends idle (wall time - kernel time). Before that, the phases of
+`LLMEngine.step` are timed with host clocks (no profiler attached) and the
+Python hot spots listed by cProfile.
 """
 
 from __future__ import annotations
 
+import cProfile
+import gc
+import io
+import pstats
 import time
 from collections import defaultdict
 
@@ -56,20 +61,68 @@ def _fill(engine, batch_size: int, prompt_len: int, vocab_size: int, params) -> 
     engine.step()
 
 
+_PHASES = (("scheduler", "schedule"), ("model_runner", "execute_model"),
+           ("model_runner", "execute_plan"), ("model_runner", "_sample"),
+           ("scheduler", "update_from_output"))
+
+
+def _host_phases(engine, num_steps: int) -> dict:
+    """Wall ms per step and host ms per step of each phase (no profiler attached);
+    `gc` is the time Python's garbage collector ran."""
+    totals: dict[str, float] = defaultdict(float)
+    for owner, name in _PHASES:
+        _timed(getattr(engine, owner), name, totals)
+    gc_started = []
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_started.append(time.perf_counter())
+        elif gc_started:
+            totals["gc"] += time.perf_counter() - gc_started.pop()
+
+    gc.callbacks.append(on_gc)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    gc.callbacks.remove(on_gc)
+    for owner, name in _PHASES:
+        delattr(getattr(engine, owner), name)
+    return {"wall": wall * 1e3 / num_steps,
+            **{name: seconds * 1e3 / num_steps for name, seconds in totals.items()}}
+
+
+def _python_hotspots(engine, num_steps: int, top: int = 20) -> str:
+    """cProfile of `num_steps` engine steps: the functions with the most own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(num_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def profile_decode(llm, batch_size: int, prompt_len: int, num_steps: int,
                    trace_path: str | None = None) -> dict:
-    """Profile `num_steps` decode steps at `batch_size`; returns the per-step summary (ms)."""
+    """Time, then profile, decode steps at `batch_size`; returns the per-step summary (ms).
+
+    20 steps with host timers only, 10 under cProfile (Python hot spots), then
+    `num_steps` under torch.profiler (kernel times).
+    """
     from engine import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=4 * num_steps + 64, ignore_eos=True,
+    params = SamplingParams(temperature=0.0, max_tokens=num_steps + 64, ignore_eos=True,
                             detokenize=False)
     _fill(engine, batch_size, prompt_len, engine.vocab_size, params)
     assert engine.scheduler.num_running == batch_size, engine.scheduler.num_running
-    phases: dict[str, float] = defaultdict(float)
-    for obj, name in ((engine.scheduler, "schedule"), (engine.model_runner, "execute_model"),
-                      (engine.scheduler, "update_from_output")):
-        _timed(obj, name, phases)
+    phases = _host_phases(engine, 20)
+    hotspots = _python_hotspots(engine, 10)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         started = time.perf_counter()
@@ -77,16 +130,15 @@ def profile_decode(llm, batch_size: int, prompt_len: int, num_steps: int,
             engine.step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - started
-    for obj, name in ((engine.scheduler, "schedule"), (engine.model_runner, "execute_model"),
-                      (engine.scheduler, "update_from_output")):
-        delattr(obj, name)
     engine.abort_request([f"profile-{i}" for i in range(batch_size)])
     if trace_path:
         prof.export_chrome_trace(trace_path)
-    return _summarize(prof, wall, phases, num_steps)
+    summary = _summarize(prof, wall, num_steps)
+    summary.update(host_phases=phases, hotspots=hotspots)
+    return summary
 
 
-def _summarize(prof, wall: float, phases: dict, num_steps: int) -> dict:
+def _summarize(prof, wall: float, num_steps: int) -> dict:
     by_category: dict[str, float] = defaultdict(float)
     kernels = []
     for event in prof.key_averages():
@@ -100,8 +152,6 @@ def _summarize(prof, wall: float, phases: dict, num_steps: int) -> dict:
     step_ms = wall * 1e3 / num_steps
     summary = {"step_ms": step_ms, "gpu_busy_ms": busy, "host_gap_ms": step_ms - busy,
                **{f"{key}_ms": per_step.get(key, 0.0) for key in ("attention", "gemm", "other")},
-               **{f"host_{name}_ms": seconds * 1e3 / num_steps
-                  for name, seconds in phases.items()},
                "top_kernels": [(name[:80], count // num_steps, micros / 1e3 / num_steps)
                                for micros, count, name in sorted(kernels, reverse=True)[:12]]}
     return summary
@@ -116,8 +166,11 @@ def print_summary(summary: dict, batch_size: int) -> None:
         print(f"  {key:10s} {value:7.3f} ms  {100 * value / step:5.1f}% of the step")
     gap = summary["host_gap_ms"]
     print(f"  {'host gap':10s} {gap:7.3f} ms  {100 * gap / step:5.1f}% (GPU idle)")
-    for name in ("schedule", "execute_model", "update_from_output"):
-        print(f"  host {name}: {summary[f'host_{name}_ms']:.3f} ms/step")
+    phases = summary["host_phases"]
+    print(f"  without the profiler: {phases.pop('wall'):.2f} ms/step wall; host ms/step: "
+          + ", ".join(f"{name} {ms:.3f}" for name, ms in phases.items()))
     print("  top kernels (name, launches/step, ms/step):")
     for name, count, millis in summary["top_kernels"]:
         print(f"    {millis:7.3f} ms  x{count:<4d} {name}")
+    print("  Python hot spots (cProfile, 10 steps):")
+    print(summary["hotspots"])

@@ -10,18 +10,33 @@ count, whatever the batch generated beyond them.
   max_new_tokens), as a static-batching server must.
 - `hf_continuous`: transformers' continuous batching manager
   (`attn_implementation="paged|sdpa"`), one request per prompt with its own
-  max_new_tokens; timed after the manager's warm-up.
+  max_new_tokens; timed after the manager's warm-up. (Not under inference_mode:
+  the manager's thread updates its tensors in place under no_grad.)
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 #: an id no model emits: with it as eos_token_id generation never stops early
 NO_EOS = -1
+
+
+def complete_index(model_dir: str) -> None:
+    """Give a sharded checkpoint's index the "metadata" entry transformers requires."""
+    index_path = Path(model_dir) / "model.safetensors.index.json"
+    if not index_path.is_file():
+        return
+    index = json.loads(index_path.read_text())
+    if "metadata" not in index:
+        total = sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))
+        index["metadata"] = {"total_size": total}
+        index_path.write_text(json.dumps(index))
 
 
 def _load(model_dir: str, attn_implementation: str) -> torch.nn.Module:
@@ -70,7 +85,6 @@ def hf_static(model_dir: str, prompts: list[list[int]], output_lens: list[int],
     return counted / elapsed, elapsed
 
 
-@torch.inference_mode()
 def hf_continuous(model_dir: str, prompts: list[list[int]],
                   output_lens: list[int]) -> tuple[float, float]:
     model = _load(model_dir, "paged|sdpa")

@@ -2,12 +2,16 @@
 
 Both get the same random prompts (`--num-prompts` x `--input-len` token ids)
 and must emit exactly `--output-len` greedy tokens each (EOS ignored).
-pagedllm takes all prompts at once (continuous batching); HF runs static
-batches of `--hf-batch-size` with left padding. Prints output tokens/s of
-both and their ratio for each model: the default model, and a tiny
-random-weight Llama built on the fly (engine overhead dominates there).
+pagedllm takes all prompts at once (continuous batching) in `--dtype`
+(default "auto", the engine's own choice); HF runs static batches of
+`--hf-batch-size` with left padding, once per `--hf-dtypes` (default its
+own default float32, and bfloat16). Prints output tokens/s of each and
+pagedllm's ratio to each HF run, for each model: the default model, and a
+tiny random-weight Llama built on the fly (engine overhead dominates there).
+Each run also prints its CPU time / (wall time x threads): well below 1, the
+run shared its cores with other processes and its figure is low.
 
-    python benchmarks/throughput.py --device cpu
+    python benchmarks/throughput.py --device cpu [--threads 1]
 
 With `--device cuda` it runs the GPU benchmark of `throughput_cuda.py`
 instead (Llama-3.2-1B-shaped model, fixed and varied workloads, HF static
@@ -19,6 +23,7 @@ and continuous batching baselines, decode-step profile):
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -50,23 +55,32 @@ def random_prompts(vocab_size: int, num_prompts: int, input_len: int,
     return ids.tolist()
 
 
+def timed(run) -> tuple[float, float]:
+    """(wall seconds, CPU seconds / (wall seconds x torch threads)) of `run()`."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return wall, cpu / (wall * torch.get_num_threads())
+
+
 def bench_pagedllm(model_dir: str, prompts, warmup_prompts, output_len: int,
-                   device: str, dtype: str) -> float:
+                   device: str, dtype: str) -> tuple[float, float, torch.dtype]:
+    """(output tok/s, CPU use, the dtype the engine resolved `dtype` to)."""
     llm = LLM(model=model_dir, device=device, dtype=dtype)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     # Warm up on other prompts: the timed ones must not hit the prefix cache.
     llm.generate([{"prompt_token_ids": p} for p in warmup_prompts], params, use_tqdm=False)
-    start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                           use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    outputs = []
+    elapsed, cpu_use = timed(lambda: outputs.extend(llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)))
     assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
-    return len(prompts) * output_len / elapsed
+    return len(prompts) * output_len / elapsed, cpu_use, llm.llm_engine.model_runner.dtype
 
 
 @torch.inference_mode()
 def bench_hf(model_dir: str, prompts, warmup_prompts, output_len: int, batch_size: int,
-             device: str, dtype: str) -> float:
+             device: str, dtype: str) -> tuple[float, float]:
+    """(output tok/s, CPU use) of HF `generate` over static batches of `batch_size`."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.to(device)
     model.eval()
@@ -81,12 +95,35 @@ def bench_hf(model_dir: str, prompts, warmup_prompts, output_len: int, batch_siz
                              pad_token_id=pad_id)
         assert out.shape[1] - padded["input_ids"].shape[1] == output_len
 
+    def run_all() -> None:
+        for i in range(0, len(prompts), batch_size):
+            run(prompts[i:i + batch_size])
+
     run(warmup_prompts)
-    start = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        run(prompts[i:i + batch_size])
-    elapsed = time.perf_counter() - start
-    return len(prompts) * output_len / elapsed
+    elapsed, cpu_use = timed(run_all)
+    return len(prompts) * output_len / elapsed, cpu_use
+
+
+def bench_cpu_model(name: str, model_dir: str, args) -> None:
+    """pagedllm in `args.dtype` against HF in each of `args.hf_dtypes`, printed as a table."""
+    vocab_size = len(AutoTokenizer.from_pretrained(model_dir))
+    prompts = random_prompts(vocab_size, args.num_prompts, args.input_len)
+    warmup = random_prompts(vocab_size, 2, args.input_len, seed=1)
+    load_before = os.getloadavg()[0]
+    ours, ours_cpu, ours_dtype = bench_pagedllm(model_dir, prompts, warmup, args.output_len,
+                                                args.device, args.dtype)
+    rows = [(f"pagedllm, dtype {args.dtype} ({str(ours_dtype).removeprefix('torch.')})",
+             ours, ours_cpu, "")]
+    for hf_dtype in args.hf_dtypes:
+        hf, hf_cpu = bench_hf(model_dir, prompts, warmup, args.output_len,
+                              args.hf_batch_size, args.device, hf_dtype)
+        rows.append((f"HF generate, {hf_dtype}, batch {args.hf_batch_size}", hf, hf_cpu,
+                     f"pagedllm / this: {ours / hf:.2f}x"))
+    print(f"\n{name}: {args.num_prompts} prompts x {args.input_len} in / {args.output_len} "
+          f"out, threads={torch.get_num_threads()}, load average "
+          f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    for label, tok_s, cpu_use, ratio in rows:
+        print(f"  {label:<44} {tok_s:8.1f} tok/s  cpu use {cpu_use:.2f}  {ratio}", flush=True)
 
 
 def main() -> None:
@@ -100,8 +137,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=None,
                         help="HF static batch size: default 16 on cpu, 64 on cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="weights and activations of both engines")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="pagedllm's dtype (cpu; auto: the engine's choice)")
+    parser.add_argument("--hf-dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16"],
+                        help="HF baseline dtypes (cpu); float32 is HF's default")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both (default: torch's choice)")
     throughput_cuda.add_cuda_arguments(parser)
@@ -121,17 +161,7 @@ def main() -> None:
             model_dir = {"default": default_dir}.get(name, name)
             if name == "tiny":
                 model_dir = make_tiny_model(default_dir, tmp)
-            vocab_size = len(AutoTokenizer.from_pretrained(model_dir))
-            prompts = random_prompts(vocab_size, args.num_prompts, args.input_len)
-            warmup = random_prompts(vocab_size, 2, args.input_len, seed=1)
-            ours = bench_pagedllm(model_dir, prompts, warmup, args.output_len, args.device,
-                                  args.dtype)
-            hf = bench_hf(model_dir, prompts, warmup, args.output_len, args.hf_batch_size,
-                          args.device, args.dtype)
-            print(f"{name}: {args.num_prompts} prompts x {args.input_len} in / "
-                  f"{args.output_len} out, {args.dtype}, threads={torch.get_num_threads()}: "
-                  f"pagedllm {ours:.1f} tok/s, HF generate (batch {args.hf_batch_size}) "
-                  f"{hf:.1f} tok/s, ratio {ours / hf:.2f}x", flush=True)
+            bench_cpu_model(name, model_dir, args)
 
 
 if __name__ == "__main__":

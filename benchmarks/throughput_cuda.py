@@ -68,17 +68,22 @@ def run_pagedllm(llm, workload: Workload) -> tuple[float, float]:
 
 
 def serving_stats(llm, workload: Workload) -> tuple[float, int]:
-    """(KV waste at the step of peak KV use, peak running batch) over one run."""
+    """(KV waste at peak KV use, peak running batch) over one run.
+
+    Waste is allocated-but-unfilled slots over allocated slots, after each
+    schedule; of the steps at peak use the worst one is reported.
+    """
     engine = llm.llm_engine
     kv, scheduler = engine.kv_cache_manager, engine.scheduler
-    peak = {"usage": -1.0, "waste": 0.0, "batch": 0}
+    samples: list[tuple[float, float]] = []
+    peak_batch = 0
     schedule = scheduler.schedule
 
     def observed_schedule():
+        nonlocal peak_batch
         output = schedule()
-        peak["batch"] = max(peak["batch"], len(output.scheduled_requests))
-        if kv.usage > peak["usage"]:
-            peak["usage"], peak["waste"] = kv.usage, kv.kv_waste()
+        peak_batch = max(peak_batch, len(output.scheduled_requests))
+        samples.append((kv.usage, kv.kv_waste()))
         return output
 
     scheduler.schedule = observed_schedule
@@ -86,7 +91,8 @@ def serving_stats(llm, workload: Workload) -> tuple[float, int]:
         run_pagedllm(llm, workload)
     finally:
         del scheduler.schedule
-    return peak["waste"], peak["batch"]
+    peak_usage = max(usage for usage, _ in samples)
+    return max(waste for usage, waste in samples if usage == peak_usage), peak_batch
 
 
 def cold_start(model_dir: str, backend: str) -> float:
@@ -108,14 +114,20 @@ def bench_backend(model_dir: str, backend: str, loads: dict[str, Workload], args
     llm = LLM(model_dir, device="cuda", attention_backend=backend)
     result = {"startup_s": time.perf_counter() - started,
               "num_blocks": llm.llm_engine.kv_cache_manager.num_blocks}
-    others = workloads(llm.llm_engine.vocab_size, 32, seed=1)
-    run_pagedllm(llm, others["varied"])  # warm-up on prompts the timed runs do not share
+    # Warm-up on prompts the timed runs do not share (no prefix-cache hits), shaped
+    # like them so Triton compiles its kernel variants here rather than while timed.
+    vocab_size = llm.llm_engine.vocab_size
+    others = workloads(vocab_size, args.num_prompts, seed=1)
+    for name in loads:
+        run_pagedllm(llm, others[name])
+    run_pagedllm(llm, ([workloads(vocab_size, 1, seed=2)["fixed"][0][0]], [16]))
     for name, workload in loads.items():
         result[name] = run_pagedllm(llm, workload)
         print(f"pagedllm [{backend}] {name}: {result[name][0]:.0f} output tok/s "
               f"({result[name][1]:.2f} s)", flush=True)
         result[f"{name}_stats"] = serving_stats(llm, workload)
-    result["single"] = run_pagedllm(llm, ([others["fixed"][0][0]], [256]))
+    result["single"] = run_pagedllm(llm, ([workloads(vocab_size, 1, seed=3)["fixed"][0][0]],
+                                          [256]))
     if args.profile and backend == args.backends[0]:
         summary = decode_profile.profile_decode(llm, args.profile_batch, 256, 5,
                                                 args.trace)
@@ -123,6 +135,8 @@ def bench_backend(model_dir: str, backend: str, loads: dict[str, Workload], args
     del llm
     gc.collect()
     torch.cuda.empty_cache()
+    print(f"after freeing the LLM: {torch.cuda.memory_allocated() / 2**30:.2f} GiB still "
+          "allocated", flush=True)
     return result
 
 
@@ -170,11 +184,17 @@ def main_cuda(args) -> None:
                                            torch.bfloat16, "cuda"))
         print(f"random Llama-3.2-1B-shaped checkpoint written in "
               f"{time.perf_counter() - started:.0f} s", flush=True)
-        cold = cold_start(model_dir, args.backends[0]) if args.cold_start else None
+        cold = None
+        if args.cold_start:
+            try:
+                cold = cold_start(model_dir, args.backends[0])
+            except subprocess.CalledProcessError as err:
+                print(f"cold start-up run failed: {err}", flush=True)
         loads = {name: load for name, load in workloads(128256, args.num_prompts).items()
                  if name in args.workloads}
         results = {backend: bench_backend(model_dir, backend, loads, args)
                    for backend in args.backends}
+        hf_baselines.complete_index(model_dir)
         baselines = run_baselines(model_dir, loads, args) if args.hf else {}
         report(results, baselines, loads, cold)
 

@@ -1,14 +1,16 @@
-"""Tensor-parallel throughput: pagedllm output tok/s at each TP size, same run.
+"""Tensor-parallel throughput: pagedllm output tok/s at TP=1 and TP=N, same run.
 
 For each model shape (random bf16 weights written from a config: the
-Llama-3.2-1B and Llama-3.1-8B shapes) and each `--tp` size, a fresh process
-runs `LLM(tensor_parallel_size=N)` on `--num-prompts` random prompts of
-`--input-len` token ids at once, each emitting exactly `--output-len` greedy
-tokens (EOS ignored). Prints output tok/s per size and the speed-up over the
-first size. `--check` first asserts that TP=2 greedy tokens equal TP=1's on
-a tiny float32 Llama.
+Llama-3.2-1B and Llama-3.1-8B shapes) a fresh process per engine runs `LLM`
+on `--num-prompts` random prompts of `--input-len` token ids at once, each
+emitting exactly `--output-len` greedy tokens (EOS ignored). Engines: TP=1
+(on cuda the single-GPU fast path: CUDA graphs, fused kernels), TP=1 with
+`enforce_eager=True` (the plain model runner, which is what every rank of a
+TP>1 engine runs), and each `--tp` size > 1. Prints output tok/s and the
+speed-up of each TP size over both TP=1 engines. `--check` first asserts
+that TP=2 greedy tokens equal eager TP=1's on a tiny float32 Llama.
 
-    python benchmarks/tp_throughput.py --device cuda --tp 1 2 --check
+    python benchmarks/tp_throughput.py --device cuda --tp 2 --check
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import LlamaConfig, PreTrainedTokenizerFast
@@ -59,6 +62,7 @@ def write_random_model(shape: str, out_dir: Path, dtype: torch.dtype, device: st
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, bos_token_id=0,
                          eos_token_id=1, architectures=["LlamaForCausalLM"])
     config.dtype = dtype
@@ -98,7 +102,8 @@ def bench_one(args: argparse.Namespace) -> dict:
 
     started = time.perf_counter()
     llm = LLM(model=args.model_dir, device=args.device, dtype=args.dtype,
-              tensor_parallel_size=args.tp, max_model_len=args.input_len + args.output_len)
+              tensor_parallel_size=args.tp, enforce_eager=args.eager,
+              max_model_len=args.input_len + args.output_len)
     load_seconds = time.perf_counter() - started
     vocab_size = llm.llm_engine.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -111,13 +116,18 @@ def bench_one(args: argparse.Namespace) -> dict:
     token_ids = [list(o.outputs[0].token_ids) for o in outputs]
     assert all(len(t) == args.output_len for t in token_ids)
     llm.shutdown()
-    return {"tp": args.tp, "load_s": load_seconds, "elapsed_s": elapsed,
-            "output_tok_s": args.num_prompts * args.output_len / elapsed,
+    return {"engine": engine_name(args.tp, args.eager), "load_s": load_seconds,
+            "elapsed_s": elapsed, "output_tok_s": args.num_prompts * args.output_len / elapsed,
             "token_ids": token_ids if args.keep_tokens else None}
 
 
-def run_in_fresh_process(args: argparse.Namespace, model_dir: Path, tp: int,
-                         keep_tokens: bool = False, **overrides) -> dict:
+def engine_name(tp: int, eager: bool) -> str:
+    return f"TP={tp}" + (" eager" if eager and tp == 1 else "")
+
+
+def run_in_fresh_process(args: argparse.Namespace, model_dir: Path, tp: int, eager: bool,
+                         keep_tokens: bool = False, **overrides) -> Optional[dict]:
+    """The engine's result, or None (its output printed) when it failed."""
     settings = {**vars(args), **overrides}
     command = [sys.executable, __file__, "--one", str(model_dir), "--tp-one", str(tp),
                "--device", settings["device"], "--dtype", settings["dtype"],
@@ -126,11 +136,14 @@ def run_in_fresh_process(args: argparse.Namespace, model_dir: Path, tp: int,
                "--output-len", str(settings["output_len"])]
     if keep_tokens:
         command.append("--keep-tokens")
+    if eager:
+        command.append("--eager")
     env = {**os.environ, **MULTICAST_OFF}
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"TP={tp} run on {model_dir} failed (exit {proc.returncode})")
+        print(f"{engine_name(tp, eager)} on {model_dir} FAILED (exit {proc.returncode}):\n"
+              f"{(proc.stdout + proc.stderr)[-4000:]}", flush=True)
+        return None
     line = next(l for l in proc.stdout.splitlines() if l.startswith(_RESULT))
     return json.loads(line[len(_RESULT):])
 
@@ -138,11 +151,13 @@ def run_in_fresh_process(args: argparse.Namespace, model_dir: Path, tp: int,
 def check_greedy(args: argparse.Namespace, tmp: Path) -> None:
     model_dir = write_random_model("tiny-check", tmp / "tiny-check", torch.float32, "cpu")
     settings = dict(dtype="float32", num_prompts=16, input_len=24, output_len=32)
-    one, two = (run_in_fresh_process(args, model_dir, tp, keep_tokens=True, **settings)
-                for tp in (1, 2))
+    one, two = (run_in_fresh_process(args, model_dir, tp, eager=True, keep_tokens=True,
+                                     **settings) for tp in (1, 2))
+    if one is None or two is None:
+        raise SystemExit("greedy check: an engine failed")
     mismatched = sum(a != b for a, b in zip(one["token_ids"], two["token_ids"]))
     print(f"greedy check (tiny fp32 Llama, {settings['num_prompts']} prompts x "
-          f"{settings['output_len']} tokens): TP=2 vs TP=1 mismatched prompts: "
+          f"{settings['output_len']} tokens): TP=2 vs eager TP=1 mismatched prompts: "
           f"{mismatched}", flush=True)
     if mismatched:
         raise SystemExit("TP=2 greedy tokens differ from TP=1")
@@ -154,7 +169,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"],
                         choices=list(SHAPES))
-    parser.add_argument("--tp", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--tp", nargs="+", type=int, default=[2], help="sizes > 1")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
@@ -162,6 +177,7 @@ def main() -> None:
     parser.add_argument("--one", dest="model_dir", help=argparse.SUPPRESS)
     parser.add_argument("--tp-one", dest="tp_one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--keep-tokens", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model_dir:
         args.tp = args.tp_one
@@ -177,15 +193,16 @@ def main() -> None:
                                            getattr(torch, args.dtype), args.device)
             print(f"{shape}: random checkpoint written in "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
-            results = [run_in_fresh_process(args, model_dir, tp) for tp in args.tp]
-            base = results[0]["output_tok_s"]
-            for result in results:
+            engines = [(1, False), (1, True)] + [(tp, True) for tp in args.tp]
+            results = [run_in_fresh_process(args, model_dir, tp, eager) for tp, eager in engines]
+            fast, eager = (r["output_tok_s"] if r else float("nan") for r in results[:2])
+            for result in filter(None, results):
                 print(f"{shape} {args.dtype}, {args.num_prompts} prompts x {args.input_len} "
-                      f"in / {args.output_len} out: TP={result['tp']}: "
+                      f"in / {args.output_len} out: {result['engine']}: "
                       f"{result['output_tok_s']:.0f} output tok/s "
-                      f"({result['elapsed_s']:.2f} s, load {result['load_s']:.0f} s), "
-                      f"speed-up vs TP={results[0]['tp']}: "
-                      f"{result['output_tok_s'] / base:.2f}x", flush=True)
+                      f"({result['elapsed_s']:.2f} s, load {result['load_s']:.0f} s); "
+                      f"vs TP=1 {result['output_tok_s'] / fast:.2f}x, "
+                      f"vs TP=1 eager {result['output_tok_s'] / eager:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

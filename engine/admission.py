@@ -36,7 +36,8 @@ class WaitingQueueBound:
     def num_waiting(self) -> int:
         return self.num_submitted + self.num_scheduler_waiting
 
-    def admit(self, count: int) -> None:
+    def check(self, count: int) -> None:
+        """EngineOverloadedError unless `count` more requests fit now; ValueError if never."""
         limit = self.max_num_waiting
         if limit is not None and count > limit:
             raise ValueError(f"{count} requests added together exceed "
@@ -45,6 +46,9 @@ class WaitingQueueBound:
             raise EngineOverloadedError(
                 f"the server is overloaded: {self.num_waiting} requests are waiting "
                 f"(max_num_waiting={limit}); retry later")
+
+    def admit(self, count: int) -> None:
+        self.check(count)
         self.num_submitted += count
 
     def settle(self, count: int, num_scheduler_waiting: int) -> None:

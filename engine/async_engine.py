@@ -198,6 +198,12 @@ class AsyncLLMEngine:
         with self._commands_lock:
             return self._waiting.num_waiting
 
+    def check_capacity(self) -> None:
+        """EngineOverloadedError while the waiting queue is full: lets a server refuse
+        a request before spending any work on it."""
+        with self._commands_lock:
+            self._waiting.check(1)
+
     def stop_accepting(self) -> None:
         """Refuse new requests (EngineShutdownError); those in flight run on."""
         with self._commands_lock:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,6 +85,20 @@ def platform_dtype(dtype: str, hf_config: PretrainedConfig, platform) -> torch.d
     return resolved
 
 
+def cap_cpu_threads(tensor_parallel_size: int) -> None:
+    """At most one torch thread per physical core, shared among this host's ranks.
+
+    torch starts with one thread per physical core unless OMP_NUM_THREADS or
+    MKL_NUM_THREADS say otherwise; more threads than cores (one per
+    hyperthread, or every rank taking all of them) contend for the same
+    vector units and leave OpenMP barriers waiting.
+    A lower count set by the caller (torch.set_num_threads) is kept.
+    """
+    physical_cores = torch.cpu.get_capabilities().get("num_physical_cores") or os.cpu_count()
+    per_rank = max(1, physical_cores // tensor_parallel_size)
+    torch.set_num_threads(min(torch.get_num_threads(), per_rank))
+
+
 def model_context_length(hf_config: PretrainedConfig) -> Optional[int]:
     for name in _CONTEXT_LENGTH_FIELDS:
         value = getattr(hf_config, name, None)
@@ -125,6 +140,8 @@ def build_model_runner(config: EngineConfig, setup: ModelSetup) -> ModelRunner:
     """This rank's model (shard) on its device, with its KV cache sized with the other ranks."""
     torch.manual_seed(config.seed)
     device = setup.platform.torch_device(get_tp_group().local_rank)
+    if setup.platform.device == "cpu":
+        cap_cpu_threads(config.tensor_parallel_size)
     model, _ = load_model(setup.model_dir, setup.dtype, device, setup.attn_backend)
     model.eval()
     runner = make_model_runner(config, setup.platform, setup.attn_backend, model)

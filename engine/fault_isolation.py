@@ -53,7 +53,6 @@ def execute_isolating(execute: ExecuteModel, scheduler_output: SchedulerOutput
     Returns the merged output of the requests that ran and request_id -> error
     of those that failed on their own.
     """
-    return execute(scheduler_output), {}
     try:
         return execute(scheduler_output), {}
     except Exception as batch_error:

@@ -29,7 +29,7 @@ def model_dir(tiny_model_factory):
 @pytest.fixture(scope="module")
 def engine(model_dir):
     engine = AsyncLLMEngine.from_config(EngineConfig(
-        model=str(model_dir), device="cpu", max_model_len=MAX_MODEL_LEN,
+        model=str(model_dir), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN,
         num_gpu_blocks_override=NUM_BLOCKS))
     yield engine
     engine.shutdown()

@@ -73,7 +73,9 @@ def hf_greedy(tiny_model_factory):
 
 
 def generate(model_dir: str, prompts: list, **llm_kwargs) -> tuple[list[list[int]], LLM]:
-    llm = LLM(model_dir, device="cuda", max_num_seqs=16, **llm_kwargs)
+    # 32 sequences: the start-up profile's 8192 tokens then reach position 255, the last
+    # the tiny models' 256 positions hold.
+    llm = LLM(model_dir, device="cuda", max_num_seqs=32, **llm_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs], llm

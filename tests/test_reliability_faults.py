@@ -79,8 +79,8 @@ def assert_serves_again(base_url, reference) -> None:  # noqa: F811
     assert response.json()["choices"][0]["text"] == reference[POISONED]
 
 
-def test_a_prompt_the_server_tokenizer_fails_on_fails_alone(base_url, engine, reference,  # noqa: F811
-                                                            monkeypatch):
+def test_a_prompt_the_server_tokenizer_fails_on_fails_alone(
+        base_url, engine, reference, monkeypatch):  # noqa: F811
     encode = PreTrainedTokenizerFast.encode
 
     def failing_encode(self, text, *args, **kwargs):
@@ -127,8 +127,8 @@ def test_a_token_the_engine_cannot_detokenize_fails_its_request_alone(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_sampler_error_fails_only_the_request_it_came_from(base_url, engine, reference,  # noqa: F811
-                                                             monkeypatch, stream):
+def test_a_sampler_error_fails_only_the_request_it_came_from(
+        base_url, engine, reference, monkeypatch, stream):  # noqa: F811
     """The poisoned request's rows break the sampler from its 3rd token on, when
     the requests sent with it have joined its batch."""
     runner = engine.engine.model_runner

@@ -104,7 +104,7 @@ def start_workers(platform: Any, config: Any) -> TensorParallelWorkers:
         return TensorParallelWorkers(join_group(platform, world_size, launch.rank,
                                                 launch.local_rank, store=None))
     store = dist.TCPStore(_STORE_HOST, 0, world_size, is_master=True,
-                          timeout=COLLECTIVE_TIMEOUT)
+                          timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False)
     context = mp.get_context("spawn")
     processes = [context.Process(target=_worker_process, name=f"pagedllm-tp-rank{rank}",
                                  args=(rank, store.port, config), daemon=True)

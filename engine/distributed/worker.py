@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
@@ -33,9 +32,6 @@ def is_torchrun_worker(config: EngineConfig) -> bool:
 def run_spawned_worker(config: EngineConfig, rank: int, store: dist.Store) -> None:
     """Rank `rank` of an engine that spawned it on this host (device index = rank)."""
     setup = resolve_model_setup(config)
-    if setup.platform.device == "cpu":
-        # The ranks share this host's cores.
-        torch.set_num_threads(max(1, torch.get_num_threads() // config.tensor_parallel_size))
     join_group(setup.platform, config.tensor_parallel_size, rank, rank, store)
     _serve(config, setup)
 

@@ -41,9 +41,10 @@ from platforms.interface import AttentionBackend
 class _Group:
     """Sequences attended in one padded call.
 
-    `seq_ids [seqs]` int64 rows of the batch; `seq_lens`, `query_lens [seqs]`
-    int64; `token_ids [seqs, max_query_len]` int64 query rows (0 where a row
-    is padding); `used_rows [n]` int64 positions in the flattened
+    `seq_ids [seqs]` int64 rows of the batch; `seq_lens`, `query_lens
+    [seqs]` int64, `max_seq_len` / `min_seq_len` the extremes of `seq_lens`;
+    `token_ids [seqs, max_query_len]` int64 query rows (0 where a row is
+    padding); `used_rows [n]` int64 positions in the flattened
     `[seqs * max_query_len]` padded rows that hold a real token and
     `used_tokens [n]` int64 those tokens' rows of `query`.
     """
@@ -52,6 +53,7 @@ class _Group:
     seq_lens: torch.Tensor
     query_lens: torch.Tensor
     max_seq_len: int
+    min_seq_len: int
     max_query_len: int
     token_ids: torch.Tensor
     used_rows: torch.Tensor
@@ -128,8 +130,8 @@ def _make_group(kind: str, seq_ids: torch.Tensor, seq_lens: torch.Tensor,
     token_ids = torch.where(row_used, query_starts[:, None] + rows, 0)
     group_seq_lens = seq_lens[seq_ids].long()
     return _Group(kind, seq_ids, group_seq_lens, query_lens, int(group_seq_lens.max()),
-                  max_query_len, token_ids, row_used.flatten().nonzero().flatten(),
-                  token_ids[row_used])
+                  int(group_seq_lens.min()), max_query_len, token_ids,
+                  row_used.flatten().nonzero().flatten(), token_ids[row_used])
 
 
 def _context_rows(block_tables: torch.Tensor, seq_ids: torch.Tensor, seq_lens: torch.Tensor,
@@ -181,10 +183,11 @@ class FastCpuBackend(AttentionBackend):
                                       group.seq_lens, group.max_seq_len, value_dtype)
         num_seqs, num_kv_heads, context_len, head_size = keys.shape
         tokens = group.token_ids[:, 0]
-        q = query[tokens].view(num_seqs, num_kv_heads, -1, head_size).float()
-        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale)  # [seqs, kvh, g, ctx]
-        past_end = torch.arange(context_len) >= group.seq_lens[:, None]
-        scores.masked_fill_(past_end[:, None, None, :], float("-inf"))
+        q = query[tokens].view(num_seqs, num_kv_heads, -1, head_size).float().mul_(scale)
+        scores = torch.matmul(q, keys.transpose(-1, -2))  # [seqs, kv_heads, group, context]
+        if context_len > group.min_seq_len:
+            past_end = torch.arange(context_len) >= group.seq_lens[:, None]
+            scores.masked_fill_(past_end[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(value_dtype)
         attended = torch.matmul(probs, values).view(num_seqs, -1, head_size)
         out.index_copy_(0, tokens, attended.to(out.dtype))

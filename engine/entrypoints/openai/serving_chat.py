@@ -31,6 +31,7 @@ _FIELDS = set(ChatCompletionRequest.model_fields)
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest,
                                      raw_request: Request) -> Response:
+        self.check_capacity()
         model_name = self.check_model(request.model)
         prompt_token_ids = self._render(request)
         self.check_prompt_length(len(prompt_token_ids), "messages")

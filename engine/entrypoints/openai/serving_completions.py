@@ -62,6 +62,7 @@ class _ChoiceStream:
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest,
                                 raw_request: Request) -> Response:
+        self.check_capacity()
         model_name = self.check_model(request.model)
         prompts = self._prompts(request)
         echo_logprobs = request.logprobs if request.echo else None

@@ -40,6 +40,13 @@ class OpenAIServing:
         self.vocab_size = engine.engine.vocab_size
         self.token_text = functools.lru_cache(maxsize=65536)(self._decode_token)
 
+    def check_capacity(self) -> None:
+        """503 at once while the waiting queue is full: shed load before tokenizing."""
+        try:
+            self.engine.check_capacity()
+        except EngineOverloadedError as err:
+            raise as_openai_error(err) from None
+
     def check_model(self, model: Optional[str]) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
         if model is None:
