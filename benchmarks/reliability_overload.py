@@ -10,7 +10,7 @@ growth over its idle RSS, and the wall time. Unbounded, the queue and the
 memory grow with the length of the burst; bounded, they stay flat. Every loop
 is bounded in count and time.
 
-    python benchmarks/reliability_overload.py --rate 400 --durations 5 20
+    python benchmarks/reliability_overload.py --rate 200 --durations 5 15
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ class Sampler(threading.Thread):
 async def burst(url: str, args, num_requests: int) -> dict[int, int]:
     """`num_requests` completions sent at `args.rate` per second -> count by status."""
     prompt = "The capital of France is Paris. " * (args.prompt_words // 6)
-    limits = httpx.Limits(max_connections=num_requests)
+    # A fresh connection per request: a kept-alive one may be closed by the server's
+    # keep-alive timeout just as the next request goes out on it.
+    limits = httpx.Limits(max_connections=num_requests, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=BURST_TIMEOUT_S, limits=limits) as client:
         async def one() -> int:
             response = await client.post("/v1/completions", json={
@@ -134,13 +136,13 @@ def measure(model_dir: str, args, max_num_waiting: int | None, num_requests: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=400.0, help="requests per second")
-    parser.add_argument("--durations", type=float, nargs="+", default=[5.0, 20.0],
+    parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    parser.add_argument("--durations", type=float, nargs="+", default=[5.0, 15.0],
                         help="burst lengths in seconds")
     parser.add_argument("--max-num-waiting", type=int, default=32)
-    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--prompt-words", type=int, default=120)
-    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as model_dir:

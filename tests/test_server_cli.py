@@ -1,6 +1,7 @@
 """The server as a user starts it: `python -m engine.entrypoints.openai` in a process
 of its own, loaded by `pagedllm bench serve`; `pagedllm serve` refusing bad flags."""
 
+import os
 import re
 import socket
 import subprocess
@@ -31,7 +32,8 @@ def server_url(tiny_model_factory):  # noqa: F811
          "--device", "cpu", "--port", str(port), "--served-model-name", SERVED_NAME,
          "--api-key", API_KEY, "--max-model-len", "128", "--num-gpu-blocks-override", "128",
          "--uvicorn-log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny matmuls: threads only contend
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     try:
