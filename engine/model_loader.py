@@ -114,28 +114,14 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     logger.info("converted %s in %.1f s", gguf.name, time.perf_counter() - start)
 
 
-def cpu_has_fast_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16).
-
-    There oneDNN's bfloat16 GEMMs run ~4x faster than float32 ones (measured
-    on an AVX512-BF16 EPYC: ~300-430 vs ~70-95 GFLOP/s a core; see the CPU
-    section of benchmarks/RESULTS.md); without them there is no such gain to
-    trade float32's accuracy for. Other architectures are not measured, so
-    they keep float32.
-    """
-    capabilities = torch.cpu.get_capabilities()
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-
-
 def resolve_dtype(dtype: Union[str, torch.dtype], hf_config: Any,
                   device: torch.device) -> torch.dtype:
     """The dtype to load in.
 
-    "auto" on CPU: bfloat16 where the CPU multiplies it natively
-    (`cpu_has_fast_bfloat16`), else float32 (exact, and faster than emulated
-    half types). Elsewhere the checkpoint's half type, bfloat16 when the
-    checkpoint is float32. Pass "float32" for bit-level agreement with a
-    float32 reference.
+    "auto" on CPU: float32, so outputs agree with a float32 reference (pass
+    "bfloat16" for speed where the CPU multiplies it natively (AVX512-BF16 /
+    AMX), see benchmarks/RESULTS.md). Elsewhere the
+    checkpoint's half type, bfloat16 when the checkpoint is float32.
     """
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
@@ -143,7 +129,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype], hf_config: Any,
         return dtype
     if dtype == "auto":
         if device.type == "cpu":
-            return torch.bfloat16 if cpu_has_fast_bfloat16() else torch.float32
+            return torch.float32
         config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         config_dtype = _DTYPES.get(config_dtype, config_dtype)
         return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16

@@ -1,6 +1,6 @@
 """Shared by the server tests: fixtures serving a tiny model with uvicorn on a free
-loopback port (import them into a test module, with tiny_model_factory), waiting
-for an engine to drain, and /metrics scraping."""
+loopback port (import them into a test module, with tiny_model_factory), starting
+an engine of one's own, waiting for an engine to drain, and /metrics scraping."""
 
 import contextlib
 import socket
@@ -26,17 +26,24 @@ def model_dir(tiny_model_factory):
     return tiny_model_factory("llama")
 
 
+def start_engine(model_dir, max_num_waiting=None, **config) -> AsyncLLMEngine:
+    """The model on CPU in float32 (in bfloat16 greedy picks depend on the batch: logits
+    tie), with `config`'s EngineConfig fields."""
+    return AsyncLLMEngine.from_config(EngineConfig(
+        model=str(model_dir), device="cpu", dtype="float32", **config), max_num_waiting)
+
+
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    engine = AsyncLLMEngine.from_config(EngineConfig(
-        model=str(model_dir), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN,
-        num_gpu_blocks_override=NUM_BLOCKS))
+    engine = start_engine(model_dir, max_model_len=MAX_MODEL_LEN,
+                          num_gpu_blocks_override=NUM_BLOCKS)
     yield engine
     engine.shutdown()
 
 
 @pytest.fixture(scope="module")
 def base_url(engine):
+    """The app serving `engine` (a test module may define its own engine fixture)."""
     with serve(build_app(engine, [MODEL_NAME])) as url:
         yield url
 

@@ -16,34 +16,25 @@ import time
 import httpx
 import pytest
 from cpu_threads import single_torch_thread  # noqa: F401  (fixture)
-from server_harness import MODEL_NAME, metric, model_dir, scrape, serve  # noqa: F401
-from server_harness import wait_idle
+from server_harness import base_url, model_dir  # noqa: F401  (fixtures)
+from server_harness import metric, scrape, start_engine, wait_idle
 from tiny_models import tiny_model_factory  # noqa: F401  (fixture)
 
 from engine import LLM, SamplingParams
-from engine.async_engine import AsyncLLMEngine
-from engine.config import EngineConfig
-from engine.entrypoints.openai.api_server import build_app
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "max_model_len": 128}
+MAX_MODEL_LEN = 128
 NUM_BLOCKS = 1024
 MAX_TOKENS, LEAVER_MAX_TOKENS = 32, 96
 
 
 @pytest.fixture(scope="module")
 def engine(model_dir):  # noqa: F811
-    engine = AsyncLLMEngine.from_config(EngineConfig(
-        model=str(model_dir), num_gpu_blocks_override=NUM_BLOCKS, **ENGINE_ARGS))
+    engine = start_engine(model_dir, max_model_len=MAX_MODEL_LEN,
+                          num_gpu_blocks_override=NUM_BLOCKS)
     yield engine
     engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(build_app(engine, [MODEL_NAME])) as url:
-        yield url
 
 
 async def stream_client(client: httpx.AsyncClient, prompt: list[int], max_tokens: int,
@@ -93,7 +84,7 @@ def test_a_storm_of_disconnects_leaves_the_others_intact_and_frees_every_block(
     leave_after = {i: rng.randint(1, 3) for i in rng.sample(range(num_clients),
                                                             num_clients // 5)}
     stayers = [i for i in range(num_clients) if i not in leave_after]
-    llm = LLM(str(model_dir), **ENGINE_ARGS)
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN)
     reference = {i: o.outputs[0].text for i, o in zip(stayers, llm.generate(
         [{"prompt_token_ids": prompts[i]} for i in stayers],
         SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),

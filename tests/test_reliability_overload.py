@@ -15,13 +15,12 @@ import time
 import httpx
 import pytest
 from cpu_threads import single_torch_thread  # noqa: F401  (fixture)
-from server_harness import model_dir, serve, wait_idle  # noqa: F401  (fixture)
+from server_harness import base_url, model_dir  # noqa: F401  (fixtures)
+from server_harness import start_engine, wait_idle
 from tiny_models import tiny_model_factory  # noqa: F401  (fixture)
 
 from engine.admission import EngineOverloadedError
 from engine.async_engine import AsyncLLMEngine
-from engine.config import EngineConfig
-from engine.entrypoints.openai.api_server import build_app
 from engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -50,17 +49,10 @@ class QueueWatch:
 
 @pytest.fixture(scope="module")
 def engine(model_dir):  # noqa: F811
-    engine = AsyncLLMEngine.from_config(EngineConfig(
-        model=str(model_dir), device="cpu", max_model_len=64, max_num_seqs=MAX_NUM_SEQS,
-        num_gpu_blocks_override=64), max_num_waiting=MAX_NUM_WAITING)
+    engine = start_engine(model_dir, max_num_waiting=MAX_NUM_WAITING, max_model_len=64,
+                          max_num_seqs=MAX_NUM_SEQS, num_gpu_blocks_override=64)
     yield engine
     engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def base_url(engine):
-    with serve(build_app(engine, ["tiny"])) as url:
-        yield url
 
 
 async def one_request(client: httpx.AsyncClient, i: int) -> tuple[int, httpx.Headers, dict]:

@@ -15,13 +15,11 @@ import random
 
 import pytest
 from cpu_threads import single_torch_thread  # noqa: F401  (fixture)
-from server_harness import wait_idle
+from server_harness import start_engine, wait_idle
 from tiny_models import tiny_model_factory  # noqa: F401  (fixture)
 
 from engine import LLM, SamplingParams
 from engine.async_engine import AsyncLLMEngine
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -47,9 +45,9 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-async def soak(engine: AsyncLLMEngine, requests) -> dict[str, list[list[int]]]:
-    """Submit every request at once -> request id -> token ids of each output seen."""
-    seen: dict[str, list[list[int]]] = {}
+async def soak(engine: AsyncLLMEngine, requests) -> dict[str, list[tuple[list[int], bool]]]:
+    """Submit every request at once -> request id -> (token ids, finished) of each output."""
+    seen: dict[str, list[tuple[list[int], bool]]] = {}
 
     async def one(i: int, prompt_token_ids: list[int], max_tokens: int) -> None:
         async for output in engine.generate({"prompt_token_ids": prompt_token_ids},
@@ -72,9 +70,8 @@ def test_every_request_survives_repeated_preemption_exactly_once(model_dir, num_
         [{"prompt_token_ids": p} for p, _ in requests],
         [greedy(max_tokens) for _, max_tokens in requests], use_tqdm=False)]
     assert llm.llm_engine.num_preemptions == 0
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig(
-        model=str(model_dir), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN,
-        block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS, num_gpu_blocks_override=SMALL_POOL)))
+    engine = start_engine(model_dir, max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
+                          max_num_seqs=MAX_NUM_SEQS, num_gpu_blocks_override=SMALL_POOL)
     try:
         seen = asyncio.run(soak(engine, requests))
         wait_idle(engine)

@@ -17,11 +17,10 @@ import time
 
 import httpx
 import pytest
-from server_harness import MODEL_NAME, metric, model_dir, scrape, serve  # noqa: F401
+from server_harness import model_dir  # noqa: F401  (fixture)
+from server_harness import MODEL_NAME, metric, scrape, serve, start_engine
 from tiny_models import tiny_model_factory  # noqa: F401  (fixture)
 
-from engine.async_engine import AsyncLLMEngine
-from engine.config import EngineConfig
 from engine.entrypoints.openai.api_server import build_app
 
 NUM_STREAMS, NUM_PLAIN = 4, 2
@@ -144,8 +143,7 @@ def test_past_the_shutdown_timeout_in_flight_requests_end_with_a_clean_error(
 
 
 def test_a_draining_engine_answers_503_and_fails_its_health_check(model_dir):  # noqa: F811
-    engine = AsyncLLMEngine.from_config(EngineConfig(
-        model=str(model_dir), device="cpu", max_model_len=64, num_gpu_blocks_override=16))
+    engine = start_engine(model_dir, max_model_len=64, num_gpu_blocks_override=16)
     try:
         with serve(build_app(engine, [MODEL_NAME])) as url:
             assert httpx.get(f"{url}/health").status_code == 200
