@@ -2,12 +2,12 @@
 
 Both get the same random prompts (`--num-prompts` x `--input-len` token ids)
 and must emit exactly `--output-len` greedy tokens each (EOS ignored).
-pagedllm takes all prompts at once (continuous batching) in `--dtype`
-(default "auto", the engine's own choice); HF runs static batches of
-`--hf-batch-size` with left padding, once per `--hf-dtypes` (default its
-own default float32, and bfloat16). Prints output tokens/s of each and
-pagedllm's ratio to each HF run, for each model: the default model, and a
-tiny random-weight Llama built on the fly (engine overhead dominates there).
+pagedllm takes all prompts at once (continuous batching), once per
+`--dtypes`; HF runs static batches of `--hf-batch-size` with left padding,
+once per `--hf-dtypes` (both default to float32, the CPU default of both
+engines, and bfloat16). Prints output tokens/s of each run and each
+pagedllm run's ratio to each HF run, for each model: the default model, and
+a tiny random-weight Llama built on the fly (engine overhead dominates there).
 Each run also prints its CPU time / (wall time x threads): well below 1, the
 run shared its cores with other processes and its figure is low.
 
@@ -105,25 +105,28 @@ def bench_hf(model_dir: str, prompts, warmup_prompts, output_len: int, batch_siz
 
 
 def bench_cpu_model(name: str, model_dir: str, args) -> None:
-    """pagedllm in `args.dtype` against HF in each of `args.hf_dtypes`, printed as a table."""
+    """pagedllm in each of `args.dtypes` against HF in each of `args.hf_dtypes`, as a table."""
     vocab_size = len(AutoTokenizer.from_pretrained(model_dir))
     prompts = random_prompts(vocab_size, args.num_prompts, args.input_len)
     warmup = random_prompts(vocab_size, 2, args.input_len, seed=1)
     load_before = os.getloadavg()[0]
-    ours, ours_cpu, ours_dtype = bench_pagedllm(model_dir, prompts, warmup, args.output_len,
-                                                args.device, args.dtype)
-    rows = [(f"pagedllm, dtype {args.dtype} ({str(ours_dtype).removeprefix('torch.')})",
-             ours, ours_cpu, "")]
-    for hf_dtype in args.hf_dtypes:
-        hf, hf_cpu = bench_hf(model_dir, prompts, warmup, args.output_len,
-                              args.hf_batch_size, args.device, hf_dtype)
-        rows.append((f"HF generate, {hf_dtype}, batch {args.hf_batch_size}", hf, hf_cpu,
-                     f"pagedllm / this: {ours / hf:.2f}x"))
+    hf_runs = {dtype: bench_hf(model_dir, prompts, warmup, args.output_len,
+                               args.hf_batch_size, args.device, dtype)
+               for dtype in args.hf_dtypes}
+    rows = [(f"HF generate, {dtype}, batch {args.hf_batch_size}", tok_s, cpu_use, "")
+            for dtype, (tok_s, cpu_use) in hf_runs.items()]
+    for dtype in args.dtypes:
+        tok_s, cpu_use, resolved = bench_pagedllm(model_dir, prompts, warmup, args.output_len,
+                                                  args.device, dtype)
+        ratios = "  ".join(f"/ HF {hf_dtype}: {tok_s / hf_tok_s:.2f}x"
+                           for hf_dtype, (hf_tok_s, _) in hf_runs.items())
+        rows.append((f"pagedllm, {dtype} ({str(resolved).removeprefix('torch.')})", tok_s,
+                     cpu_use, ratios))
     print(f"\n{name}: {args.num_prompts} prompts x {args.input_len} in / {args.output_len} "
           f"out, threads={torch.get_num_threads()}, load average "
           f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}")
-    for label, tok_s, cpu_use, ratio in rows:
-        print(f"  {label:<44} {tok_s:8.1f} tok/s  cpu use {cpu_use:.2f}  {ratio}", flush=True)
+    for label, tok_s, cpu_use, ratios in rows:
+        print(f"  {label:<34} {tok_s:8.1f} tok/s  cpu use {cpu_use:.2f}  {ratios}", flush=True)
 
 
 def main() -> None:
@@ -137,8 +140,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=None,
                         help="HF static batch size: default 16 on cpu, 64 on cuda")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="pagedllm's dtype (cpu; auto: the engine's choice)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["auto", "float32", "bfloat16"],
+                        help="pagedllm dtypes (cpu); auto is the engine's default")
     parser.add_argument("--hf-dtypes", nargs="+", default=["float32", "bfloat16"],
                         choices=["float32", "bfloat16"],
                         help="HF baseline dtypes (cpu); float32 is HF's default")
