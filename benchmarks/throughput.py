@@ -8,8 +8,10 @@ once per `--hf-dtypes` (both default to float32, the CPU default of both
 engines, and bfloat16). Prints output tokens/s of each run and each
 pagedllm run's ratio to each HF run, for each model: the default model, and
 a tiny random-weight Llama built on the fly (engine overhead dominates there).
-Each run also prints its CPU time / (wall time x threads): well below 1, the
-run shared its cores with other processes and its figure is low.
+Each run also prints its CPU use, CPU time / (wall time x threads): well
+below 1, the run shared its cores with other processes and its tok/s is
+low; tok/s / CPU use (tokens per second of CPU time a thread) is less
+sensitive to that sharing, though not immune (caches are shared too).
 
     python benchmarks/throughput.py --device cpu [--threads 1]
 
@@ -126,7 +128,9 @@ def bench_cpu_model(name: str, model_dir: str, args) -> None:
           f"out, threads={torch.get_num_threads()}, load average "
           f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     for label, tok_s, cpu_use, ratios in rows:
-        print(f"  {label:<34} {tok_s:8.1f} tok/s  cpu use {cpu_use:.2f}  {ratios}", flush=True)
+        print(f"  {label:<34} {tok_s:8.1f} tok/s  cpu use {cpu_use:.2f} "
+              f"({tok_s / cpu_use:6.1f} per second of CPU time a thread)  {ratios}",
+              flush=True)
 
 
 def main() -> None:
