@@ -95,6 +95,42 @@ def serving_stats(llm, workload: Workload) -> tuple[float, int]:
     return max(waste for usage, waste in samples if usage == peak_usage), peak_batch
 
 
+def step_times(llm, workload: Workload) -> str:
+    """Where one run's wall time goes: steps that prefill (some request computes more than
+    one token) vs pure decode steps, from host clocks around `LLMEngine.step`."""
+    engine = llm.llm_engine
+    scheduler = engine.scheduler
+    steps: list[tuple[int, int, float]] = []  # (tokens, sequences, seconds)
+    schedule, step = scheduler.schedule, engine.step
+
+    def observed_schedule():
+        output = schedule()
+        steps.append((output.total_num_scheduled_tokens, len(output.scheduled_requests), 0.0))
+        return output
+
+    def timed_step():
+        started = time.perf_counter()
+        try:
+            return step()
+        finally:
+            tokens, seqs, _ = steps[-1]
+            steps[-1] = (tokens, seqs, time.perf_counter() - started)
+
+    scheduler.schedule, engine.step = observed_schedule, timed_step
+    try:
+        _, elapsed = run_pagedllm(llm, workload)
+    finally:
+        del scheduler.schedule, engine.step
+    decode = [(seqs, sec) for tokens, seqs, sec in steps if tokens == seqs]
+    prefill = [sec for tokens, seqs, sec in steps if tokens != seqs]
+    decode_s = sum(sec for _, sec in decode)
+    return (f"{elapsed:.2f} s: {len(prefill)} prefill steps {sum(prefill):.2f} s; "
+            f"{len(decode)} decode steps {decode_s:.2f} s "
+            f"({1e3 * decode_s / max(len(decode), 1):.2f} ms each, mean batch "
+            f"{sum(seqs for seqs, _ in decode) / max(len(decode), 1):.0f}); "
+            f"outside steps {elapsed - decode_s - sum(prefill):.2f} s")
+
+
 def cold_start(model_dir: str, backend: str) -> float:
     """Seconds from launching a fresh process to its first generated token (empty Triton cache)."""
     script = ("import sys; from engine import LLM, SamplingParams; "
@@ -126,6 +162,7 @@ def bench_backend(model_dir: str, backend: str, loads: dict[str, Workload], args
         print(f"pagedllm [{backend}] {name}: {result[name][0]:.0f} output tok/s "
               f"({result[name][1]:.2f} s)", flush=True)
         result[f"{name}_stats"] = serving_stats(llm, workload)
+        print(f"pagedllm [{backend}] {name} steps: {step_times(llm, workload)}", flush=True)
     result["single"] = run_pagedllm(llm, ([workloads(vocab_size, 1, seed=3)["fixed"][0][0]],
                                           [256]))
     if args.profile and backend == args.backends[0]:

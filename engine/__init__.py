@@ -12,6 +12,7 @@ _EXPORTS = {
     "LLM": "engine.llm",
     "SamplingParams": "engine.sampling_params",
     "BeamSearchParams": "engine.sampling_params",
+    "RequestOutputKind": "engine.sampling_params",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
 }

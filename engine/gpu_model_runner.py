@@ -8,8 +8,8 @@ model), less time per step:
 - LLaMA-family layers run the fused Triton kernels (engine.models.fused);
 - decode steps replay a CUDA graph (engine.cuda_graphs), padded up to the
   nearest captured batch size;
-- when every sampled row is plain greedy (no penalties, bias, min_tokens
-  mask or logprobs), the sampler is one argmax.
+- when every sampled row is plain greedy (`RequestSampling.argmax_only`, past
+  min_tokens), the sampler is one argmax.
 
 The step waits on the GPU once, to read the sampled token ids. `LLM(...,
 enforce_eager=True)` keeps the plain runner on a GPU too.
@@ -25,7 +25,6 @@ from engine.cuda_graphs import DecodeGraphs, capture_sizes
 from engine.distributed.parallel_state import get_tp_group
 from engine.input_buffers import InputBuffers
 from engine.model_runner import ModelRunner, ModelRunnerOutput, RequestSampling
-from engine.sampling_params import SamplingParams, SamplingType
 from engine.step_inputs import StepInputs, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -40,14 +39,6 @@ def make_model_runner(config, platform, attn_backend, model: torch.nn.Module) ->
             and get_tp_group().world_size == 1)
     runner_class = GpuModelRunner if fast else ModelRunner
     return runner_class(config, platform, attn_backend, model)
-
-
-def plain_greedy(params: SamplingParams) -> bool:
-    """Whether argmax of the raw logits is this request's whole sampling step
-    (min_tokens is checked per request: it masks tokens only early on)."""
-    return (params.sampling_type == SamplingType.GREEDY and params.logprobs is None
-            and not params.logit_bias and params.repetition_penalty == 1.0
-            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
 
 
 class GpuModelRunner(ModelRunner):
@@ -102,16 +93,12 @@ class GpuModelRunner(ModelRunner):
 
     def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, requests: list,
                 sampling: dict[str, RequestSampling]) -> None:
-        specs = [sampling[r.request_id] for r in requests]
-        verdicts: dict[int, bool] = {}
-        for request, spec in zip(requests, specs):
-            params = spec.params
-            if id(params) not in verdicts:
-                verdicts[id(params)] = plain_greedy(params)
-            if not (verdicts[id(params)] and len(spec.generators) == 1
-                    and request.num_output_tokens >= params.min_tokens):
+        for request in requests:
+            if not (sampling[request.request_id].argmax_only
+                    and len(request.output_token_ids) >= request.min_tokens):
                 super()._sample(output, logits, requests, sampling)
                 return
         token_ids = logits.argmax(dim=-1).tolist()
+        sampled = output.sampled_token_ids
         for request, token_id in zip(requests, token_ids):
-            output.sampled_token_ids[request.request_id] = [token_id]
+            sampled[request.request_id] = [token_id]

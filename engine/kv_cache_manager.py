@@ -40,6 +40,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.block_pool = BlockPool(num_blocks)
         self._req_to_blocks: dict[str, list[KVBlock]] = {}
+        # The same tables as block ids, rebuilt only when a table changes.
+        self._req_to_block_ids: dict[str, list[int]] = {}
         self._req_num_tokens: dict[str, int] = {}
         self._req_to_hashes: dict[str, list[BlockHash]] = {}
         self._req_num_cached_blocks: dict[str, int] = {}
@@ -58,7 +60,8 @@ class KVCacheManager:
         return self.block_pool.usage
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        return [block.block_id for block in self._req_to_blocks.get(request_id, ())]
+        """The request's block table as block ids: a live list, do not mutate it."""
+        return self._req_to_block_ids.get(request_id, [])
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of full blocks and the number of tokens it covers.
@@ -92,9 +95,12 @@ class KVCacheManager:
         """
         if num_new_tokens <= 0:
             raise ValueError(f"num_new_tokens must be positive, got {num_new_tokens}")
-        new_computed_blocks = list(new_computed_blocks or ())
         request_id = request.request_id
         blocks = self._req_to_blocks.get(request_id, [])
+        if blocks and not new_computed_blocks and self._fits_in_place(request, blocks,
+                                                                     num_new_tokens):
+            return []
+        new_computed_blocks = list(new_computed_blocks or ())
         if new_computed_blocks and blocks:
             raise ValueError("new_computed_blocks given for a request that has blocks")
         num_computed = (
@@ -125,9 +131,24 @@ class KVCacheManager:
             self._copy_on_write(blocks, cow_index)
         new_blocks = self.block_pool.allocate(num_required)
         blocks.extend(new_blocks)
+        self._req_to_block_ids[request_id] = [block.block_id for block in blocks]
         self._req_num_tokens[request_id] = num_tokens
         self._cache_full_blocks(request, num_computed)
         return new_blocks
+
+    def _fits_in_place(self, request: Request, blocks: list[KVBlock],
+                       num_new_tokens: int) -> bool:
+        """The common decode step, done without touching the pool: the new tokens fit the
+        table's blocks and none of them lands in a shared block. False changes nothing."""
+        num_computed = request.num_computed_tokens
+        num_tokens = num_computed + num_new_tokens
+        if num_tokens > len(blocks) * self.block_size or num_tokens > request.num_tokens:
+            return False
+        if self._cow_index(blocks, num_computed) is not None:
+            return False
+        self._req_num_tokens[request.request_id] = num_tokens
+        self._cache_full_blocks(request, num_computed)
+        return True
 
     def free(self, request: Request) -> None:
         """Release the request's blocks; its computed full blocks stay cached.
@@ -146,6 +167,7 @@ class KVCacheManager:
             ]
         for table in (
             self._req_to_blocks,
+            self._req_to_block_ids,
             self._req_num_tokens,
             self._req_to_hashes,
             self._req_num_cached_blocks,
@@ -160,6 +182,7 @@ class KVCacheManager:
         blocks = self._req_to_blocks.get(parent_id, [])
         self.block_pool.touch(blocks)
         self._req_to_blocks[child_id] = list(blocks)
+        self._req_to_block_ids[child_id] = [block.block_id for block in blocks]
         self._req_num_tokens[child_id] = self._req_num_tokens.get(parent_id, 0)
         self._req_num_cached_blocks[child_id] = self._req_num_cached_blocks.get(
             parent_id, 0

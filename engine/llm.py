@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from typing import Optional, Sequence, Union
@@ -12,7 +13,7 @@ from engine.beam_search import BeamSearchOutput, BeamSearchRunner
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import RequestOutput
-from engine.sampling_params import BeamSearchParams, SamplingParams
+from engine.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 #: one chat message: {"role": ..., "content": ...}
 Conversation = list[dict]
@@ -129,12 +130,22 @@ class LLM:
 
 
 def _params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
+    """One params per prompt, each a FINAL_ONLY copy: `generate` returns finished outputs only
+    (the caller's objects stay unchanged; prompts sharing one object share one copy)."""
     if sampling_params is None:
-        return [SamplingParams()] * num_prompts
+        sampling_params = SamplingParams()
     if isinstance(sampling_params, SamplingParams):
-        return [sampling_params] * num_prompts
+        return [_final_only(sampling_params)] * num_prompts
     params = list(sampling_params)
     if len(params) != num_prompts:
         raise ValueError(f"sampling_params: got {len(params)} for {num_prompts} prompts "
                          "(pass one, or one per prompt)")
-    return params
+    copies: dict[int, SamplingParams] = {}
+    for p in params:
+        if isinstance(p, SamplingParams) and id(p) not in copies:
+            copies[id(p)] = _final_only(p)
+    return [copies.get(id(p), p) for p in params]
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    return dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)

@@ -14,6 +14,7 @@ blocks (after a preemption it may find its own, whose positions it has already s
 from __future__ import annotations
 
 import functools
+import gc
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -30,7 +31,7 @@ from engine.model_runner import RequestSampling
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.parallel_sampling import SampleGroup
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 #: a prompt: text, or {"prompt_token_ids": [...]} (optionally with "prompt" text)
 PromptType = Union[str, dict]
@@ -47,6 +48,7 @@ class _SampleState:
     logprobs: Optional[list[dict[int, Logprob]]] = None
     cumulative_logprob: Optional[float] = None
     stopped_by_string: bool = False
+    sampling: Optional[RequestSampling] = None
 
 
 class LLMEngine:
@@ -75,6 +77,10 @@ class LLMEngine:
         #: token id -> its text alone (the decoded_token of logprobs), cached
         self.decode_token = functools.lru_cache(maxsize=None)(
             lambda token_id: self.tokenizer.decode([token_id]))
+        # What exists now (model, tokenizer, caches) lives as long as the engine: out of the
+        # collector's generations, it is not rescanned in the pauses between steps.
+        gc.collect()
+        gc.freeze()
 
     # ---- requests -------------------------------------------------------------
 
@@ -203,9 +209,11 @@ class LLMEngine:
                 except Exception as error:
                     self._fail(rid, error)
                     continue
-                groups[group.request_id] = group
+                if group is not None:
+                    groups[group.request_id] = group
         outputs = [self._group_output(group) for group in groups.values()
-                   if group.request_id in self._groups]
+                   if group.request_id in self._groups and (
+                       group.finished or group.params.output_kind != RequestOutputKind.FINAL_ONLY)]
         if self._failures:
             failures, self._failures = self._failures, {}
             raise RequestFailedError(failures, outputs)
@@ -220,9 +228,16 @@ class LLMEngine:
         self.abort_request(state.group.request_id)
 
     def _step_sampling(self, state: _SampleState) -> RequestSampling:
+        if state.sampling is not None:
+            return state.sampling
         group = state.group
-        return RequestSampling(group.params, group.step_generators(state.index),
-                               prompt_logprobs=state.index == 0 and group.needs_prompt_logprobs)
+        sampling = RequestSampling(group.params, group.step_generators(state.index),
+                                   prompt_logprobs=state.index == 0 and group.needs_prompt_logprobs)
+        # It changes only while the prompt is scored or the first tokens of n > 1 samples
+        # are drawn; after that it is the same every step.
+        if not sampling.prompt_logprobs and (group.forked or group.params.n == 1):
+            state.sampling = sampling
+        return sampling
 
     def _fork(self, request_id: str, first_token_ids: list[int]) -> list[Request]:
         state = self._states[request_id]
@@ -231,9 +246,31 @@ class LLMEngine:
             self._add_sample(sample, state.group, index)
         return samples
 
-    def _process(self, state: _SampleState, new_logprobs: list[PositionLogprobs]) -> SampleGroup:
+    def _process(self, state: _SampleState,
+                 new_logprobs: list[PositionLogprobs]) -> Optional[SampleGroup]:
         """Detokenize a sample's new tokens (a stop string finishes it), record its logprobs
-        and hand its completion to its group."""
+        and hand its completion to its group; None when nobody reads it this step (FINAL_ONLY
+        and unfinished: its tokens are detokenized on finishing, unless stop strings need
+        them every step)."""
+        request = state.request
+        params = state.group.params
+        final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
+        if not final_only or params.stop or request.is_finished():
+            self._detokenize(state)
+        if state.logprobs is not None:
+            for position in new_logprobs:
+                state.logprobs.append(logprob_dict(position, self.decode_token))
+                state.cumulative_logprob += position.logprob
+        if final_only and not request.is_finished():
+            return None
+        completion = self._completion(state)
+        state.group.update(completion)
+        if completion.finished():
+            del self._states[request.request_id]
+        return state.group
+
+    def _detokenize(self, state: _SampleState) -> None:
+        """Take the tokens appended since the last call; a stop string finishes the request."""
         request = state.request
         new_token_ids = request.output_token_ids[state.num_detokenized:]
         state.num_detokenized = request.num_output_tokens
@@ -244,15 +281,6 @@ class LLMEngine:
                 if not request.is_finished():
                     self.scheduler.finish_requests([request.request_id],
                                                    RequestStatus.FINISHED_STOPPED)
-        if state.logprobs is not None:
-            for position in new_logprobs:
-                state.logprobs.append(logprob_dict(position, self.decode_token))
-                state.cumulative_logprob += position.logprob
-        completion = self._completion(state)
-        state.group.update(completion)
-        if completion.finished():
-            del self._states[request.request_id]
-        return state.group
 
     def _completion(self, state: _SampleState) -> CompletionOutput:
         request = state.request

@@ -31,7 +31,7 @@ from engine.distributed.step_channel import send_step
 from engine.logprobs import (PositionLogprobs, prompt_chunk_logprobs, prompt_chunks,
                              sampled_position_logprobs)
 from engine.sampler import Sampler, SamplingMetadata
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, SamplingType
 from engine.step_inputs import StepPlan, dummy_step_inputs, gather_step_arrays
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,19 @@ class RequestSampling:
     params: SamplingParams
     generators: list[Optional[torch.Generator]] = field(default_factory=lambda: [None])
     prompt_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        #: one row whose token is the argmax of the raw logits, once min_tokens is reached
+        #: (the argmax-only fast path of GpuModelRunner)
+        self.argmax_only = len(self.generators) == 1 and plain_greedy(self.params)
+
+
+def plain_greedy(params: SamplingParams) -> bool:
+    """Whether argmax of the raw logits is this request's whole sampling step
+    (min_tokens is checked per request: it masks tokens only early on)."""
+    return (params.sampling_type == SamplingType.GREEDY and params.logprobs is None
+            and not params.logit_bias and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
 
 
 @dataclass
@@ -186,9 +199,10 @@ class ModelRunner:
         chunks, sampling_requests = [], []
         if scheduler_output.total_num_scheduled_tokens:
             plan.arrays, sampling_requests = gather_step_arrays(scheduler_output, get_block_ids)
-            chunks = prompt_chunks(scheduler_output,
-                                   lambda rid: sampling[rid].params.prompt_logprobs
-                                   if sampling[rid].prompt_logprobs else None)
+            if any(spec.prompt_logprobs for spec in sampling.values()):
+                chunks = prompt_chunks(scheduler_output,
+                                       lambda rid: sampling[rid].params.prompt_logprobs
+                                       if sampling[rid].prompt_logprobs else None)
         if chunks:
             plan.logits_rows.append(np.array(
                 [row for chunk in chunks for row in chunk.hidden_rows], np.int64))

@@ -29,6 +29,8 @@ class RequestStatus(enum.IntEnum):
         return status >= RequestStatus.FINISHED_STOPPED
 
 
+_FIRST_FINISHED = RequestStatus.FINISHED_STOPPED
+
 _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
@@ -65,6 +67,11 @@ class Request:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
+        # The stop rules, read from the params once: the scheduler checks them every token.
+        self.max_tokens: int | None = sampling_params.max_tokens
+        self.min_tokens: int = getattr(sampling_params, "min_tokens", 0) or 0
+        self.ignore_eos: bool = sampling_params.ignore_eos
+        self.stop_token_ids = frozenset(sampling_params.stop_token_ids or ())
         self.eos_token_id = eos_token_id
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.priority = priority
@@ -75,14 +82,6 @@ class Request:
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
-
-    @property
-    def max_tokens(self) -> int | None:
-        return self.sampling_params.max_tokens
-
-    @property
-    def min_tokens(self) -> int:
-        return getattr(self.sampling_params, "min_tokens", 0) or 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -106,7 +105,7 @@ class Request:
         return _FINISH_REASONS.get(self.status)
 
     def is_finished(self) -> bool:
-        return RequestStatus.is_finished(self.status)
+        return self.status >= _FIRST_FINISHED
 
     def append_output_token_ids(self, token_ids: int | list[int]) -> None:
         if isinstance(token_ids, int):

@@ -30,6 +30,17 @@ class SamplingType(enum.IntEnum):
     RANDOM_SEED = 2
 
 
+class RequestOutputKind(enum.IntEnum):
+    """Which steps give a request's `RequestOutput` (vLLM's names).
+
+    CUMULATIVE: every step the request advances, all text and tokens so far.
+    FINAL_ONLY: only the step it finishes (`LLM.generate` asks for this: it
+    skips building outputs nobody reads, a per-request cost every step).
+    """
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
+
+
 def _check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -108,6 +119,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self.n = _check_int("n", self.n, 1)
@@ -129,6 +141,10 @@ class SamplingParams:
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.output_kind not in list(RequestOutputKind) or isinstance(self.output_kind, bool):
+            raise ValueError(f"output_kind must be one of {[k.name for k in RequestOutputKind]}, "
+                             f"got {self.output_kind!r}")
+        self.output_kind = RequestOutputKind(self.output_kind)
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
         if self.sampling_type == SamplingType.GREEDY:

@@ -141,23 +141,26 @@ class Scheduler:
 
         Returns the requests that got tokens this step, finished ones included.
         """
-        updated = []
+        updated, finished = [], []
+        num_scheduled_tokens = scheduler_output.num_scheduled_tokens
         for request in scheduler_output.scheduled_requests:
             if request.is_finished():
                 continue  # aborted between schedule() and now
-            request.num_computed_tokens += scheduler_output.num_scheduled_tokens[
-                request.request_id
-            ]
-            new_token_ids = sampled_token_ids.get(request.request_id)
+            request_id = request.request_id
+            request.num_computed_tokens += num_scheduled_tokens[request_id]
+            new_token_ids = sampled_token_ids.get(request_id)
             if not new_token_ids:
                 continue
             for token_id in new_token_ids:
                 request.append_output_token_ids(token_id)
                 if self._check_stop(request, token_id):
+                    finished.append(request)
                     break
             updated.append(request)
-            if request.is_finished():
-                self.running.remove(request)
+        if finished:
+            done = set(map(id, finished))
+            self.running = [r for r in self.running if id(r) not in done]
+            for request in finished:
                 self._release(request)
         return updated
 
@@ -231,19 +234,19 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         """Apply the stop conditions after `token_id` was appended."""
-        if request.num_output_tokens >= request.min_tokens:
-            params = request.sampling_params
-            if token_id == request.eos_token_id and not params.ignore_eos:
+        num_output_tokens = len(request.output_token_ids)
+        if num_output_tokens >= request.min_tokens:
+            if token_id == request.eos_token_id and not request.ignore_eos:
                 request.status = RequestStatus.FINISHED_STOPPED
                 return True
-            if token_id in (params.stop_token_ids or ()):
+            if token_id in request.stop_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = token_id
                 return True
         max_tokens = request.max_tokens
         if (
-            max_tokens is not None and request.num_output_tokens >= max_tokens
-        ) or request.num_tokens >= self.config.max_model_len:
+            max_tokens is not None and num_output_tokens >= max_tokens
+        ) or len(request.all_token_ids) >= self.config.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH
             return True
         return False

@@ -107,10 +107,10 @@ def prepare_step_inputs(scheduler_output, get_block_ids: Callable[[str], list[in
 
 
 def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:
-    width = max(1, max(len(t) for t in tables))
-    block_tables = np.zeros((len(tables), width), np.int32)
-    for row, table in zip(block_tables, tables):
-        row[:len(table)] = table
+    lengths = np.fromiter(map(len, tables), np.int64, len(tables))
+    block_tables = np.zeros((len(tables), max(1, int(lengths.max()))), np.int32)
+    filled = np.arange(block_tables.shape[1]) < lengths[:, None]
+    block_tables[filled] = np.fromiter(chain.from_iterable(tables), np.int32, int(lengths.sum()))
     return block_tables
 
 
@@ -146,10 +146,11 @@ def pack_step_inputs(token_ids: np.ndarray, num_computed: np.ndarray, num_new: n
 def dummy_step_inputs(config, device: torch.device) -> StepInputs:
     """The largest step the scheduler can emit: max_num_batched_tokens of fresh prefill.
 
-    Spread over as many sequences as allowed, each sampling, with block
-    tables that number the blocks consecutively from 0.
+    Spread over as many sequences as allowed (none longer than max_model_len,
+    so fewer tokens when max_num_seqs sequences cannot hold them), each
+    sampling, with block tables that number the blocks consecutively from 0.
     """
-    num_tokens = config.max_num_batched_tokens
+    num_tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
     num_seqs = min(config.max_num_seqs, num_tokens)
     num_new = np.full(num_seqs, num_tokens // num_seqs, np.int64)
     num_new[:num_tokens % num_seqs] += 1

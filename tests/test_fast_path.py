@@ -22,7 +22,8 @@ from cpu_threads import single_torch_thread  # noqa: F401
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.cuda_graphs import capture_sizes
-from engine.gpu_model_runner import GpuModelRunner, plain_greedy
+from engine.gpu_model_runner import GpuModelRunner
+from engine.model_runner import plain_greedy
 from engine.model_loader import load_model
 from engine.models.fused import FusedLlamaForward, rms_norm, rotary_, silu_and_mul
 from engine.models.layers import RMSNorm, apply_rotary

@@ -7,13 +7,14 @@ a fresh run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 import torch
 
-from engine import LLM, CompletionOutput, RequestOutput, SamplingParams
+from engine import LLM, CompletionOutput, RequestOutput, RequestOutputKind, SamplingParams
 from engine.cli import main as cli_main
 from engine.request import RequestStatus
 from cpu_threads import single_torch_thread  # noqa: F401
@@ -197,6 +198,28 @@ def test_abort_request(llm):
     assert not engine.has_unfinished_requests()
     assert "aborted" not in engine.scheduler.requests
     assert engine.kv_cache_manager.get_block_ids("aborted") == []
+
+
+@pytest.mark.parametrize("stop", [None, ["zzz-never"]])
+def test_final_only_outputs_once_and_equal_to_cumulative(llm, stop):
+    """FINAL_ONLY (what `generate` asks for) skips the per-step outputs, not their content:
+    one output per request, on its last step, equal to the last cumulative output."""
+    engine = llm.llm_engine
+    prompts = {"cumulative": PROMPTS[0], "final": PROMPTS[0], "final-short": PROMPTS[1]}
+    kinds = {"cumulative": RequestOutputKind.CUMULATIVE, "final": RequestOutputKind.FINAL_ONLY,
+             "final-short": RequestOutputKind.FINAL_ONLY}
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, SamplingParams(
+            temperature=0.0, max_tokens=3 if request_id == "final-short" else 8, stop=stop,
+            logprobs=1, output_kind=kinds[request_id]))
+    seen: dict[str, list[RequestOutput]] = {request_id: [] for request_id in prompts}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen[output.request_id].append(output)
+    assert len(seen["cumulative"]) == 8 and len(seen["final"]) == len(seen["final-short"]) == 1
+    assert seen["final"][0].finished and seen["final-short"][0].finished
+    assert seen["final"][0] == dataclasses.replace(seen["cumulative"][-1], request_id="final")
+    assert len(seen["final-short"][0].outputs[0].token_ids) == 3
 
 
 # ---- chat -----------------------------------------------------------------------

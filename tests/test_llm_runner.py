@@ -90,13 +90,18 @@ def test_step_inputs_match_per_token_construction(seed, block_size):
     assert [r.request_id for r in inputs.sampling_requests] == samplers
 
 
-@pytest.mark.parametrize("max_num_batched_tokens, max_num_seqs", [(64, 256), (100, 7)])
-def test_profiling_step_is_the_largest_batch(max_num_batched_tokens, max_num_seqs):
+@pytest.mark.parametrize("max_num_batched_tokens, max_num_seqs, max_model_len",
+                         [(64, 256, 2048), (100, 7, 2048), (8192, 16, 256), (300, 2, 100)])
+def test_profiling_step_is_the_largest_batch(max_num_batched_tokens, max_num_seqs,
+                                             max_model_len):
     config = EngineConfig(block_size=16, max_num_batched_tokens=max_num_batched_tokens,
-                          max_num_seqs=max_num_seqs)
+                          max_num_seqs=max_num_seqs, max_model_len=max_model_len)
     inputs = dummy_step_inputs(config, torch.device("cpu"))
-    assert inputs.input_ids.shape[0] == max_num_batched_tokens
+    assert inputs.input_ids.shape[0] == min(max_num_batched_tokens, max_num_seqs * max_model_len)
     assert inputs.attn.num_seqs == min(max_num_seqs, max_num_batched_tokens)
+    # No sequence is longer than the model allows (positions index its embeddings).
+    assert int(inputs.attn.seq_lens.max()) <= max_model_len
+    assert int(inputs.positions.max()) < max_model_len
     assert inputs.logits_indices.shape[0] == inputs.attn.num_seqs
     slots = inputs.attn.slot_mapping
     assert slots.unique().numel() == slots.numel()  # no two tokens share a KV slot

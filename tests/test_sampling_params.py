@@ -40,6 +40,7 @@ def test_defaults_are_vllm_defaults():
         ("logit_bias", [1.0]),
         ("include_stop_str_in_output", 1), ("ignore_eos", "yes"), ("skip_special_tokens", None),
         ("spaces_between_special_tokens", 0), ("detokenize", "no"),
+        ("output_kind", "FINAL_ONLY"), ("output_kind", 7), ("output_kind", True),
     ],
 )
 def test_invalid_value_raises_naming_field(field, value):

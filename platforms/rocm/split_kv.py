@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Counts that change every step stay unspecialized (no new variants while serving).
+@triton.jit(do_not_specialize=["num_splits", "num_tokens"])
 def combine_splits_kernel(out_ptr, partial_out_ptr, partial_lse_ptr, num_splits, num_tokens,
                           stride_o_t, stride_o_h, HEAD_SIZE: tl.constexpr,
                           HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):

@@ -96,7 +96,9 @@ def _attend_tiles(q, key_cache_ptr, value_cache_ptr, block_table_ptr, row_pos, d
     return m_i, l_i, acc
 
 
-@triton.jit
+# Sequence and token counts change every step: specializing on them (== 1, divisible by 16)
+# would compile new variants in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def paged_attention_kernel(
         out_ptr, partial_out_ptr, partial_lse_ptr, query_ptr, key_cache_ptr, value_cache_ptr,
         block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2, num_seqs, num_tokens,
