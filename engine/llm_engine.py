@@ -14,7 +14,6 @@ blocks (after a preemption it may find its own, whose positions it has already s
 from __future__ import annotations
 
 import functools
-import gc
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -77,10 +76,6 @@ class LLMEngine:
         #: token id -> its text alone (the decoded_token of logprobs), cached
         self.decode_token = functools.lru_cache(maxsize=None)(
             lambda token_id: self.tokenizer.decode([token_id]))
-        # What exists now (model, tokenizer, caches) lives as long as the engine: out of the
-        # collector's generations, it is not rescanned in the pauses between steps.
-        gc.collect()
-        gc.freeze()
 
     # ---- requests -------------------------------------------------------------
 

@@ -8,8 +8,10 @@ a fresh run.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -188,6 +190,18 @@ def test_logprobs_of_greedy_tokens(llm, expected):
         assert position[token_id] is best and best.rank == 1 and best.logprob <= 0
         total += best.logprob
     assert completion.cumulative_logprob == pytest.approx(total)
+
+
+def test_a_deleted_llm_frees_its_model_and_kv_cache(model_dir):
+    """A process may build several LLMs in turn (tests, benchmarks): dropping one must free
+    its weights and KV pool, or the next one finds the memory taken."""
+    llm = LLM(model=str(model_dir), device="cpu", max_model_len=64)
+    llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    runner = llm.llm_engine.model_runner
+    model, key_cache = weakref.ref(runner.model), weakref.ref(runner.kv_caches[0][0])
+    del llm, runner
+    gc.collect()
+    assert model() is None and key_cache() is None
 
 
 def test_abort_request(llm):
