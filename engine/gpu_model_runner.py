@@ -8,8 +8,6 @@ model), less time per step:
 - LLaMA-family layers run the fused Triton kernels (engine.models.fused);
 - decode steps replay a CUDA graph (engine.cuda_graphs), padded up to the
   nearest captured batch size;
-- when every sampled row is plain greedy (`RequestSampling.argmax_only`, past
-  min_tokens), the sampler is one argmax.
 
 The step waits on the GPU once, to read the sampled token ids. `LLM(...,
 enforce_eager=True)` keeps the plain runner on a GPU too.
@@ -24,7 +22,7 @@ import torch
 from engine.cuda_graphs import DecodeGraphs, capture_sizes
 from engine.distributed.parallel_state import get_tp_group
 from engine.input_buffers import InputBuffers
-from engine.model_runner import ModelRunner, ModelRunnerOutput, RequestSampling
+from engine.model_runner import ModelRunner
 from engine.step_inputs import StepInputs, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -90,15 +88,3 @@ class GpuModelRunner(ModelRunner):
                 index = torch.from_numpy(rows).to(self.device)
             logits.append(self.model.compute_logits(hidden[index]))
         return logits
-
-    def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, requests: list,
-                sampling: dict[str, RequestSampling]) -> None:
-        for request in requests:
-            if not (sampling[request.request_id].argmax_only
-                    and len(request.output_token_ids) >= request.min_tokens):
-                super()._sample(output, logits, requests, sampling)
-                return
-        token_ids = logits.argmax(dim=-1).tolist()
-        sampled = output.sampled_token_ids
-        for request, token_id in zip(requests, token_ids):
-            sampled[request.request_id] = [token_id]

@@ -230,7 +230,16 @@ class ModelRunner:
 
     def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, requests: list,
                 sampling: dict[str, RequestSampling]) -> None:
-        """Row i of logits [N, V] is requests[i]'s; it is repeated once per generator."""
+        """Row i of logits [N, V] is requests[i]'s; it is repeated once per generator.
+
+        When every row is plain greedy (`RequestSampling.argmax_only`, past min_tokens) the
+        sampler is one argmax: no softmax or log-softmax over the vocabulary."""
+        if all(sampling[r.request_id].argmax_only and len(r.output_token_ids) >= r.min_tokens
+               for r in requests):
+            sampled = output.sampled_token_ids
+            for request, token_id in zip(requests, logits.argmax(dim=-1).tolist()):
+                sampled[request.request_id] = [token_id]
+            return
         specs = [sampling[r.request_id] for r in requests]
         owners = [i for i, spec in enumerate(specs) for _ in spec.generators]
         if len(owners) > len(requests):

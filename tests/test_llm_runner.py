@@ -195,3 +195,25 @@ def test_gpu_sizing_subtracts_others_and_the_activation_peak(model_dir, monkeypa
     # 40 GiB allowed - 10 GiB in use (weights, other processes) - 0.5 GiB activations
     assert runner._kv_budget_from_profile() == int(29.5 * gib)
     assert peaks["cache_bytes"] > 0
+
+
+def test_plain_greedy_rows_skip_the_sampler_and_get_its_tokens(model_dir, monkeypatch):
+    """Plain greedy steps are one argmax; the tokens equal the sampler's greedy ones
+    (logprobs=0 keeps a request on the sampler without changing what it picks)."""
+    llm = LLM(model=str(model_dir), device="cpu", max_model_len=64)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [{"prompt_token_ids": torch.randint(4, 390, (n,), generator=generator).tolist()}
+               for n in (2, 9, 30)]
+    sampler_calls = []
+    sampler = llm.llm_engine.model_runner.sampler
+    monkeypatch.setattr(llm.llm_engine.model_runner, "sampler",
+                        lambda *args: sampler_calls.append(1) or sampler(*args))
+
+    def greedy_tokens(**extra) -> list[list[int]]:
+        params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, **extra)
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    argmax_tokens = greedy_tokens()
+    assert not sampler_calls
+    assert greedy_tokens(logprobs=0) == argmax_tokens
+    assert sampler_calls
