@@ -68,8 +68,10 @@ def execute_isolating(execute: ExecuteModel, scheduler_output: SchedulerOutput
     merged, failures = ModelRunnerOutput(), {}
     for request in requests:
         request_id = request.request_id
-        single = SchedulerOutput(scheduled_requests=[request], num_scheduled_tokens={
-            request_id: scheduler_output.num_scheduled_tokens[request_id]})
+        num_tokens = scheduler_output.num_scheduled_tokens[request_id]
+        single = SchedulerOutput(
+            scheduled_requests=[request], num_scheduled_tokens={request_id: num_tokens},
+            decode_steps=num_tokens if scheduler_output.decode_steps > 1 else 1)
         try:
             part = execute(single)
         except Exception as err:

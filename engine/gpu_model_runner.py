@@ -7,7 +7,8 @@ model), less time per step:
   (engine.input_buffers) instead of one blocking copy per tensor;
 - LLaMA-family layers run the fused Triton kernels (engine.models.fused);
 - decode steps replay a CUDA graph (engine.cuda_graphs), padded up to the
-  nearest captured batch size;
+  nearest captured batch size, up to `max_decode_steps` of them per schedule
+  (multi-step decode, engine.scheduler);
 
 The step waits on the GPU once, to read the sampled token ids. `LLM(...,
 enforce_eager=True)` keeps the plain runner on a GPU too.
@@ -16,6 +17,8 @@ enforce_eager=True)` keeps the plain runner on a GPU too.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from typing import Callable
 
 import torch
 
@@ -23,7 +26,7 @@ from engine.cuda_graphs import DecodeGraphs, capture_sizes
 from engine.distributed.parallel_state import get_tp_group
 from engine.input_buffers import InputBuffers
 from engine.model_runner import ModelRunner
-from engine.step_inputs import StepInputs, StepPlan
+from engine.step_inputs import StepArrays, StepInputs, StepPlan, decode_steps_max_seq_len
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,10 @@ def make_model_runner(config, platform, attn_backend, model: torch.nn.Module) ->
 
 
 class GpuModelRunner(ModelRunner):
+    #: decode steps per schedule when the batch allows it (engine.scheduler): the host's
+    #: per-step work (scheduling, inputs, outputs) is paid once for all of them
+    max_decode_steps = 8
+
     def __init__(self, config, platform, attn_backend, model: torch.nn.Module):
         # Imported here: triton is needed only where this runner runs (CPU installs may lack it).
         from engine.models.fused import fused_llama_forward
@@ -62,6 +69,17 @@ class GpuModelRunner(ModelRunner):
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """`hidden [T, hidden_size]` of the step, writing its K/V into the cache."""
         return self.forward_fn(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
+
+    def _stage_decode_steps(self, arrays: StepArrays
+                            ) -> tuple[StepInputs, Callable[[StepInputs], torch.Tensor]]:
+        host_inputs = arrays.pack(self.config.block_size, _HOST)
+        host_inputs.attn = replace(host_inputs.attn,
+                                   max_seq_len=decode_steps_max_seq_len(arrays))
+        graph_size = self._graph_size(host_inputs)
+        inputs = self.buffers.stage(host_inputs, pad_to=graph_size)
+        if graph_size is None:
+            return inputs, self.forward
+        return inputs, lambda step: self.graphs.replay(graph_size)
 
     def _graph_size(self, inputs: StepInputs) -> int | None:
         """The captured batch size this step replays, or None to run eagerly."""

@@ -85,20 +85,22 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: list[KVBlock] | None = None,
+        num_lookahead_tokens: int = 0,
     ) -> list[KVBlock] | None:
         """Give the request slots for `num_new_tokens` more tokens.
 
         `new_computed_blocks` (from `get_computed_blocks`, only for a request with
-        no blocks yet) are prefix hits placed before the new tokens. Returns the
-        newly allocated blocks (possibly empty), or None, changing nothing, when
-        the pool is short.
+        no blocks yet) are prefix hits placed before the new tokens;
+        `num_lookahead_tokens` more slots follow the new tokens, for tokens not
+        sampled yet (multi-step decode). Returns the newly allocated blocks
+        (possibly empty), or None, changing nothing, when the pool is short.
         """
         if num_new_tokens <= 0:
             raise ValueError(f"num_new_tokens must be positive, got {num_new_tokens}")
         request_id = request.request_id
         blocks = self._req_to_blocks.get(request_id, [])
-        if blocks and not new_computed_blocks and self._fits_in_place(request, blocks,
-                                                                     num_new_tokens):
+        if blocks and not new_computed_blocks and self._fits_in_place(
+                request, blocks, num_new_tokens, num_lookahead_tokens):
             return []
         new_computed_blocks = list(new_computed_blocks or ())
         if new_computed_blocks and blocks:
@@ -112,6 +114,7 @@ class KVCacheManager:
                 f"num_new_tokens={num_new_tokens} goes past the {request.num_tokens} "
                 f"tokens of request {request_id!r}"
             )
+        num_tokens += num_lookahead_tokens
         num_required = max(
             cdiv(num_tokens, self.block_size) - len(blocks) - len(new_computed_blocks), 0
         )
@@ -136,13 +139,16 @@ class KVCacheManager:
         self._cache_full_blocks(request, num_computed)
         return new_blocks
 
-    def _fits_in_place(self, request: Request, blocks: list[KVBlock],
-                       num_new_tokens: int) -> bool:
+    def _fits_in_place(self, request: Request, blocks: list[KVBlock], num_new_tokens: int,
+                       num_lookahead_tokens: int) -> bool:
         """The common decode step, done without touching the pool: the new tokens fit the
         table's blocks and none of them lands in a shared block. False changes nothing."""
         num_computed = request.num_computed_tokens
         num_tokens = num_computed + num_new_tokens
-        if num_tokens > len(blocks) * self.block_size or num_tokens > request.num_tokens:
+        if num_tokens > request.num_tokens:
+            return False
+        num_tokens += num_lookahead_tokens
+        if num_tokens > len(blocks) * self.block_size:
             return False
         if self._cow_index(blocks, num_computed) is not None:
             return False

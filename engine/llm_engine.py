@@ -26,7 +26,7 @@ from engine.distributed.worker import is_torchrun_worker, run_torchrun_worker
 from engine.engine_setup import build_engine_parts
 from engine.fault_isolation import RequestFailedError, execute_isolating
 from engine.logprobs import PositionLogprobs, logprob_dict
-from engine.model_runner import RequestSampling
+from engine.model_runner import RequestSampling, plain_greedy
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.parallel_sampling import SampleGroup
 from engine.request import Request, RequestStatus
@@ -48,6 +48,15 @@ class _SampleState:
     cumulative_logprob: Optional[float] = None
     stopped_by_string: bool = False
     sampling: Optional[RequestSampling] = None
+
+
+def _decodes_ahead(params: SamplingParams) -> bool:
+    """Whether several decode steps may run between two of this request's host updates:
+    its tokens are argmax picks (the runner chains them on the device) and nobody reads
+    its output before it finishes, and no stop string or min_tokens needs a per-token look."""
+    return (params.output_kind == RequestOutputKind.FINAL_ONLY and plain_greedy(params)
+            and params.n == 1 and not params.stop and not params.min_tokens
+            and params.prompt_logprobs is None)
 
 
 class LLMEngine:
@@ -99,6 +108,7 @@ class LLMEngine:
         extra_keys = () if params.prompt_logprobs is None else (("prompt_logprobs", request_id),)
         request = Request(request_id, prompt_token_ids, params,
                           eos_token_id=self.eos_token_id, extra_keys=extra_keys)
+        request.decode_ahead = _decodes_ahead(params)
         self.scheduler.add_request(request)
         self._groups[request_id] = group
         self._add_sample(request, group, 0)

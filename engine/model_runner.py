@@ -18,7 +18,7 @@ alone samples. The ranks agree on the number of KV blocks (the smallest).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -32,7 +32,8 @@ from engine.logprobs import (PositionLogprobs, prompt_chunk_logprobs, prompt_chu
                              sampled_position_logprobs)
 from engine.sampler import Sampler, SamplingMetadata
 from engine.sampling_params import SamplingParams, SamplingType
-from engine.step_inputs import StepPlan, dummy_step_inputs, gather_step_arrays
+from engine.step_inputs import (StepArrays, StepInputs, StepPlan, advance_decode_inputs,
+                                decode_steps_max_seq_len, dummy_step_inputs, gather_step_arrays)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
+    #: decode steps one schedule may cover (multi-step decode, engine.scheduler)
+    max_decode_steps = 1
+
     def __init__(self, config: EngineConfig, platform, attn_backend, model: torch.nn.Module):
         self.config = config
         self.platform = platform
@@ -199,6 +203,10 @@ class ModelRunner:
         chunks, sampling_requests = [], []
         if scheduler_output.total_num_scheduled_tokens:
             plan.arrays, sampling_requests = gather_step_arrays(scheduler_output, get_block_ids)
+            if plan.arrays.decode_steps is not None:
+                for request, token_ids in zip(sampling_requests, self.execute_decode_steps(plan)):
+                    output.sampled_token_ids[request.request_id] = token_ids
+                return output
             if any(spec.prompt_logprobs for spec in sampling.values()):
                 chunks = prompt_chunks(scheduler_output,
                                        lambda rid: sampling[rid].params.prompt_logprobs
@@ -227,6 +235,34 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
         return [self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device)])
                 for rows in plan.logits_rows]
+
+    @torch.inference_mode()
+    def execute_decode_steps(self, plan: StepPlan) -> list[list[int]]:
+        """Run a multi-step decode (engine.scheduler): every step takes each request's
+        argmax of the step before as its input token. Returns each request's sampled
+        tokens, `plan.arrays.decode_steps[i]` of them."""
+        self.copy_blocks(plan.block_copies)
+        steps = plan.arrays.decode_steps
+        inputs, forward = self._stage_decode_steps(plan.arrays)
+        active = torch.from_numpy(steps).to(self.device)
+        sampled = []
+        for step in range(int(steps.max())):
+            if step:
+                advance_decode_inputs(inputs, sampled[-1], active > step, self.config.block_size)
+            hidden = forward(inputs)
+            sampled.append(self.model.compute_logits(hidden[inputs.logits_indices]).argmax(-1))
+        rows = torch.stack(sampled, 1).tolist()
+        return [row[:n] for row, n in zip(rows, steps.tolist())]
+
+    def _stage_decode_steps(self, arrays: StepArrays
+                            ) -> tuple[StepInputs, Callable[[StepInputs], torch.Tensor]]:
+        """The first step's inputs (tensors of their own, advanced in place) and the
+        forward pass to run on them."""
+        inputs = arrays.pack(self.config.block_size, self.device)
+        inputs.attn = replace(inputs.attn, max_seq_len=decode_steps_max_seq_len(arrays))
+        inputs.input_ids = inputs.input_ids.clone()
+        return inputs, lambda step: self.model(step.input_ids, step.positions, step.attn,
+                                               self.kv_caches)
 
     def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, requests: list,
                 sampling: dict[str, RequestSampling]) -> None:

@@ -82,6 +82,9 @@ class Request:
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        #: several decode steps may run per schedule (engine.scheduler, multi-step decode):
+        #: the engine sets it for requests whose tokens need no host work between steps
+        self.decode_ahead = False
 
     @property
     def num_prompt_tokens(self) -> int:

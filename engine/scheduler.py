@@ -13,6 +13,14 @@ off, a prompt is admitted only when it fits the remaining budget whole.
 `num_computed_tokens` advances in `update_from_output`: while the runner executes
 a step, request `r` computes `r.all_token_ids[r.num_computed_tokens:][:n]` with
 `n = num_scheduled_tokens[r.request_id]`.
+
+Multi-step decode (`num_decode_steps` > 1): when nothing waits and every running
+request is decoding and `decode_ahead` (its tokens need no host work between steps:
+greedy, final output only), one schedule covers up to `num_decode_steps` decode
+steps. Request `r` then gets `n` > 1 tokens of which only the first is known: the
+runner feeds each step's sampled token to the next, and `r` receives `n` sampled
+tokens (fewer once a stop condition ends it). `SchedulerOutput.decode_steps` is the
+largest `n`; the host's per-step work is spread over all of them.
 """
 
 from __future__ import annotations
@@ -30,9 +38,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    num_decode_steps: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                     "num_decode_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -49,6 +59,8 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
+    #: > 1: a multi-step decode (module docstring); each request's first token is known
+    decode_steps: int = 1
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -128,7 +140,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput(finished_request_ids=self._finished_request_ids)
         self._finished_request_ids = []
-        budget = self._schedule_running(output)
+        budget = self._schedule_running(output, self._decode_lookahead())
         if not output.preempted_request_ids:
             self._schedule_waiting(output, budget)
         output.block_copies = self.kv_cache_manager.take_block_copies()
@@ -156,6 +168,10 @@ class Scheduler:
                 if self._check_stop(request, token_id):
                     finished.append(request)
                     break
+            # A multi-step decode cut short by a stop computed positions past the last
+            # kept token; only those before it hold its tokens' KV.
+            request.num_computed_tokens = min(request.num_computed_tokens,
+                                              request.num_tokens - 1)
             updated.append(request)
         if finished:
             done = set(map(id, finished))
@@ -164,7 +180,16 @@ class Scheduler:
                 self._release(request)
         return updated
 
-    def _schedule_running(self, output: SchedulerOutput) -> int:
+    def _decode_lookahead(self) -> int:
+        """Decode steps past the first this schedule may cover (module docstring)."""
+        if self.config.num_decode_steps == 1 or self.waiting or not self.running:
+            return 0
+        for request in self.running:
+            if not request.decode_ahead or request.num_tokens - request.num_computed_tokens != 1:
+                return 0
+        return self.config.num_decode_steps - 1
+
+    def _schedule_running(self, output: SchedulerOutput, lookahead: int) -> int:
         """Schedule running requests, preempting as needed; returns the budget left."""
         budget = self.config.max_num_batched_tokens
         for request in list(self.running):
@@ -173,7 +198,9 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            while self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
+            num_ahead = self._tokens_ahead(request, lookahead, budget - num_new_tokens)
+            while self.kv_cache_manager.allocate_slots(
+                    request, num_new_tokens, num_lookahead_tokens=num_ahead) is None:
                 victim = max(
                     reversed(self.running), key=lambda r: (r.priority, r.arrival_time)
                 )
@@ -181,10 +208,23 @@ class Scheduler:
                 if victim is request:
                     break
             else:
+                num_new_tokens += num_ahead
                 output.scheduled_requests.append(request)
                 output.num_scheduled_tokens[request.request_id] = num_new_tokens
+                if lookahead:
+                    output.decode_steps = max(output.decode_steps, num_new_tokens)
                 budget -= num_new_tokens
         return budget
+
+    def _tokens_ahead(self, request: Request, lookahead: int, budget: int) -> int:
+        """Of `lookahead` steps, those the request can still use: its max_tokens and the
+        model length end it (each step appends a token), the token budget bounds them."""
+        if lookahead == 0:
+            return 0
+        can_append = self.config.max_model_len - request.num_tokens
+        if request.max_tokens is not None:
+            can_append = min(can_append, request.max_tokens - request.num_output_tokens)
+        return max(0, min(lookahead, can_append - 1, budget))
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
         kv = self.kv_cache_manager

@@ -47,13 +47,16 @@ class StepArrays:
     `token_ids [T]` int64 (the chunks, concatenated), `num_computed [S]` and
     `num_new [S]` int64, `block_tables [S, max_blocks]` int32 (zero-padded),
     `samples [S]` bool (the chunk reaches the end of the request's known
-    tokens, so its last row is sampled).
+    tokens, so its last row is sampled). A multi-step decode
+    (engine.scheduler) has `decode_steps [S]` int64: these arrays describe its
+    first step (one token each); request i runs `decode_steps[i]` steps.
     """
     token_ids: np.ndarray
     num_computed: np.ndarray
     num_new: np.ndarray
     block_tables: np.ndarray
     samples: np.ndarray
+    decode_steps: Optional[np.ndarray] = None
 
     def sampling_rows(self) -> np.ndarray:
         """`[N]` int64: the hidden-state row of each sampling chunk's last token."""
@@ -84,6 +87,9 @@ def gather_step_arrays(scheduler_output,
     requests = scheduler_output.scheduled_requests
     num_new = np.fromiter((scheduler_output.num_scheduled_tokens[r.request_id]
                            for r in requests), np.int64, len(requests))
+    decode_steps = None
+    if scheduler_output.decode_steps > 1:
+        decode_steps, num_new = num_new, np.ones_like(num_new)
     num_computed = np.fromiter((r.num_computed_tokens for r in requests), np.int64,
                                len(requests))
     token_ids = np.fromiter(
@@ -93,7 +99,7 @@ def gather_step_arrays(scheduler_output,
     block_tables = _pad_block_tables([get_block_ids(r.request_id) for r in requests])
     num_known = np.fromiter((r.num_tokens for r in requests), np.int64, len(requests))
     samples = num_computed + num_new >= num_known
-    arrays = StepArrays(token_ids, num_computed, num_new, block_tables, samples)
+    arrays = StepArrays(token_ids, num_computed, num_new, block_tables, samples, decode_steps)
     return arrays, [r for r, s in zip(requests, samples) if s]
 
 
@@ -141,6 +147,30 @@ def pack_step_inputs(token_ids: np.ndarray, num_computed: np.ndarray, num_new: n
     return StepInputs(to_device(token_ids, torch.int64), to_device(positions, torch.int64),
                       attn, to_device(logits_indices, torch.int64), [],
                       int(block_tables.max()) + 1)
+
+
+def decode_steps_max_seq_len(arrays: StepArrays) -> int:
+    """The longest sequence a multi-step decode reaches (the backends' grid hint)."""
+    return int((arrays.num_computed + arrays.decode_steps).max())
+
+
+def advance_decode_inputs(inputs: StepInputs, token_ids: torch.Tensor, active: torch.Tensor,
+                          block_size: int) -> None:
+    """Turn a decode step's inputs into the next step's, in place, on their device.
+
+    Row i (of the first `len(token_ids)`) takes `token_ids[i]` as its input; where
+    `active[i]` it moves one position on (its slot from its block table, its seq_len + 1),
+    elsewhere it writes no KV (slot -1) and its output is not used.
+    """
+    num_seqs = token_ids.shape[0]
+    attn = inputs.attn
+    inputs.input_ids[:num_seqs].copy_(token_ids)
+    positions = inputs.positions[:num_seqs]
+    positions.add_(active)
+    attn.seq_lens[:num_seqs].add_(active)
+    blocks = attn.block_tables[:num_seqs].gather(1, (positions // block_size)[:, None])
+    slots = blocks[:, 0].to(torch.int64) * block_size + positions % block_size
+    attn.slot_mapping[:num_seqs].copy_(slots.masked_fill_(~active, -1))
 
 
 def dummy_step_inputs(config, device: torch.device) -> StepInputs:

@@ -28,6 +28,7 @@ class FakeSchedulerOutput:
     scheduled_requests: list
     num_scheduled_tokens: dict
     block_copies: list
+    decode_steps: int = 1
 
 
 def random_step(rng: random.Random, block_size: int, num_requests: int):
