@@ -3,7 +3,8 @@
 Every .cu file of platforms/cuda/csrc is compiled with nvcc for Ampere
 (sm_80) and Hopper (sm_90a), all of them concurrently in one fixture; ptxas
 must report no register spills (a spilled accumulator would quietly move the
-hot loop to local memory). The binding (binding.cpp) needs a CUDA build of
+hot loop to local memory); so must benchmarks/decode_variants.cu, the decode
+launch-shape sweep, for Hopper. The binding (binding.cpp) needs a CUDA build of
 torch and is only built on a GPU machine (tests/test_cuda_gpu.py).
 """
 
@@ -25,6 +26,9 @@ from platforms.cuda.backend import (MIN_PARTITION, SUPPORTED_HEAD_SIZES, CudaAtt
 
 ARCHS = {"sm_80": "-arch=sm_80", "sm_90a": "-gencode=arch=compute_90a,code=sm_90a"}
 CU_FILES = sorted(p.name for p in build.CSRC.glob("*.cu"))
+# The decode launch-shape sweep (benchmarks/decode_variants.py) instantiates
+# the kernel in shapes the JIT build does not; Hopper is where it is run.
+VARIANTS_CU = build.CSRC.parents[2] / "benchmarks" / "decode_variants.cu"
 NVCC = build.find_nvcc()
 
 
@@ -38,12 +42,13 @@ def compiled(tmp_path_factory):
 
     def compile_one(job):
         name, arch = job
+        source = VARIANTS_CU if name == VARIANTS_CU.name else build.CSRC / name
         cmd = [NVCC, "-c", "-std=c++17", "-O3", ARCHS[arch], "--ptxas-options=-warn-spills",
-               str(build.CSRC / name), "-o", str(out_dir / f"{name}.{arch}.o")]
+               str(source), "-o", str(out_dir / f"{name}.{arch}.o")]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         return job, (proc.returncode, proc.stdout + proc.stderr)
 
-    jobs = [(name, arch) for name in CU_FILES for arch in ARCHS]
+    jobs = [(name, arch) for name in CU_FILES for arch in ARCHS] + [(VARIANTS_CU.name, "sm_90a")]
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         results = dict(pool.map(compile_one, jobs))
@@ -56,6 +61,12 @@ def compiled(tmp_path_factory):
 @pytest.mark.parametrize("name", CU_FILES)
 def test_kernel_file_compiles_without_spills(compiled, name, arch):
     returncode, output = compiled[(name, arch)]
+    assert returncode == 0, output[-4000:]
+    assert not re.search(r"spill|warning", output, re.IGNORECASE), output[-4000:]
+
+
+def test_decode_variant_sweep_compiles_without_spills(compiled):
+    returncode, output = compiled[(VARIANTS_CU.name, "sm_90a")]
     assert returncode == 0, output[-4000:]
     assert not re.search(r"spill|warning", output, re.IGNORECASE), output[-4000:]
 

@@ -57,27 +57,41 @@ __global__ void combine_splits_kernel(AttentionParams p) {
   }
 }
 
+// The tensor-core decode shape launched: 4 warps on one head chunk, 16-token
+// tiles, 2-deep rings, Q reloaded from smem (benchmarks/RESULTS.md has its
+// figures; benchmarks/decode_variants.py times the alternatives).
+template <int HEAD>
+using DecodeMmaFor = DecodeMmaShape<HEAD, 16, 2, 4, 1, 0, false>;
+
+template <typename T, int HEAD, typename S>
+cudaError_t launch_decode_mma(const AttentionParams& p, cudaStream_t stream) {
+  const DecodeGrid grid = decode_grid(p.num_heads, p.num_kv_heads, 16, S::kMaxWidth);
+  return launch_kernel(decode_mma_kernel<T, HEAD, S>,
+                       dim3(p.num_tokens * grid.ctas_per_token, p.num_splits), S::kThreads,
+                       S::kSmemBytes, stream, p);
+}
+
+template <typename T>
+cudaError_t launch_combine(const AttentionParams& p, cudaStream_t stream) {
+  if (p.num_splits == 1) return cudaSuccess;
+  combine_splits_kernel<T><<<dim3(p.num_tokens, p.num_heads), 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t run_decode(const AttentionParams& p, bool use_tensor_cores, cudaStream_t stream) {
-  const int group = p.num_heads / p.num_kv_heads;
   const cudaError_t err = with_head_size(p.head_size, [&](auto head) -> cudaError_t {
     constexpr int HEAD = decltype(head)::value;
     if constexpr (!std::is_same_v<T, float>) {
-      if (use_tensor_cores) {
-        using S = DecodeMmaShape<HEAD>;
-        const dim3 grid(p.num_tokens * p.num_kv_heads * ((group + 15) / 16), p.num_splits);
-        return launch_kernel(decode_mma_kernel<T, HEAD>, grid, S::kThreads, S::kSmemBytes,
-                             stream, p);
-      }
+      if (use_tensor_cores) return launch_decode_mma<T, HEAD, DecodeMmaFor<HEAD>>(p, stream);
     }
     using S = DecodeSimpleShape<HEAD>;
-    const dim3 grid(p.num_tokens * p.num_kv_heads * ((group + S::kRows - 1) / S::kRows),
-                    p.num_splits);
-    return launch_kernel(decode_simple_kernel<T, HEAD>, grid, S::kThreads, 0, stream, p);
+    const DecodeGrid grid = decode_grid(p.num_heads, p.num_kv_heads, S::kRows, 1);
+    return launch_kernel(decode_simple_kernel<T, HEAD>,
+                         dim3(p.num_tokens * grid.ctas_per_token, p.num_splits), S::kThreads, 0,
+                         stream, p);
   });
-  if (err != cudaSuccess || p.num_splits == 1) return err;
-  combine_splits_kernel<T><<<dim3(p.num_tokens, p.num_heads), 128, 0, stream>>>(p);
-  return cudaGetLastError();
+  return err != cudaSuccess ? err : launch_combine<T>(p, stream);
 }
 
 template <typename T>

@@ -1,7 +1,7 @@
 // Device helpers shared by the PagedAttention kernels: dtype conversion,
-// cp.async / ldmatrix / mma.sync wrappers, sequence lookup and the split-K
-// epilogue. Scores are kept in log2 units (scale * log2(e) folded into q·k)
-// so the softmax uses exp2f.
+// cp.async / ldmatrix / mma.sync wrappers and the split-K epilogue (which
+// work a CTA does is work.cuh). Scores are kept in log2 units (scale *
+// log2(e) folded into q·k) so the softmax uses exp2f.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "paged_attention.h"
+#include "work.cuh"
 
 namespace pagedllm {
 
@@ -53,13 +54,24 @@ struct Convert<__nv_bfloat16> {
 
 // Copies 16 bytes global -> shared asynchronously; writes zeros when !valid
 // (then nothing is read, so masked slots may hold NaN poison).
+template <int kL2Prefetch = 0>
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
-               "r"(src_size)
-               : "memory");
+  if constexpr (kL2Prefetch == 256) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(addr),
+                 "l"(gmem), "r"(src_size)
+                 : "memory");
+  } else if constexpr (kL2Prefetch == 128) {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(addr),
+                 "l"(gmem), "r"(src_size)
+                 : "memory");
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
+                 "r"(src_size)
+                 : "memory");
+  }
 #else
   __trap();
 #endif
@@ -130,104 +142,47 @@ __device__ __forceinline__ int b_frag_row(int lane) { return (lane & 7) + (lane 
 __device__ __forceinline__ int b_frag_col(int lane) { return ((lane >> 3) & 1) * 8; }
 // ... and, with .trans, from row-major [k][n] storage (V rows): same as A.
 
-// ---- sequence bookkeeping --------------------------------------------------
-
-// The sequence holding query `token`: the last s with query_start_loc[s] <= token.
-__device__ __forceinline__ int find_seq(const int32_t* query_start_loc, int num_seqs, int token) {
-  int lo = 0, hi = num_seqs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (query_start_loc[mid] <= token) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
-struct QueryToken {
-  int seq;
-  int context_len;  // keys this query attends to: positions [0, context_len)
-};
-
-__device__ __forceinline__ QueryToken locate_token(const AttentionParams& p, int token) {
-  const int seq = p.tokens_are_seqs ? token : find_seq(p.query_start_loc, p.num_seqs, token);
-  const int q_start = p.query_start_loc[seq];
-  const int q_len = p.query_start_loc[seq + 1] - q_start;
-  // The i-th of q_len new tokens sits at seq_len - q_len + i. The min keeps
-  // block-table reads inside seq_len even under a wrong max_query_len hint.
-  const int seq_len = p.seq_lens[seq];
-  return {seq, min(seq_len, seq_len - q_len + (token - q_start) + 1)};
-}
-
-// Element offset of (token position, kv head) in an NHD cache, or -1 when the
-// position is outside [0, limit) (its block-table entry must not be read).
-__device__ __forceinline__ int64_t cache_row_offset(const AttentionParams& p, int seq,
-                                                    int position, int limit, int kv_head) {
-  if (position >= limit) return -1;
-  const int block = p.block_tables[seq * p.block_table_stride + position / p.block_size];
-  const int64_t slot = static_cast<int64_t>(block) * p.block_size + position % p.block_size;
-  return (slot * p.num_kv_heads + kv_head) * p.head_size;
-}
-
-// The work of one decode CTA. Grid: x = token * ctas_per_token + the CTA's
-// (KV head, chunk of kRows query heads), so the CTAs reading the KV heads of
-// one token's cache blocks run side by side; y = context partition.
-struct DecodeCta {
-  int token, split, kv_head, head0, num_rows;
-};
-
-template <int kRows>
-__device__ __forceinline__ DecodeCta decode_cta(const AttentionParams& p) {
-  const int group = p.num_heads / p.num_kv_heads;
-  const int chunks = (group + kRows - 1) / kRows;
-  const int per_token = p.num_kv_heads * chunks;
-  const int rest = blockIdx.x % per_token;
-  const int kv_head = rest / chunks;
-  const int head0 = kv_head * group + (rest % chunks) * kRows;
-  return {static_cast<int>(blockIdx.x / per_token), static_cast<int>(blockIdx.y), kv_head,
-          head0, min(kRows, kv_head * group + group - head0)};
-}
-
-// Marks an empty partition (context shorter than its start) for combine_splits.
-__device__ __forceinline__ void write_empty_split(const AttentionParams& p, int token, int head0,
-                                                  int num_rows, int split) {
-  if (p.num_splits == 1) return;  // only reachable with seq_len < query length
-  for (int r = threadIdx.x; r < num_rows; r += blockDim.x) {
-    const int64_t row = static_cast<int64_t>(token) * p.num_heads + head0 + r;
-    float* ml = p.partial_ml + (row * p.num_splits + split) * 2;
-    ml[0] = -INFINITY;
-    ml[1] = 0.f;
-  }
-}
-
 // Merges the per-warp online-softmax states of one partition and writes the
-// result: `out` when there is one split, else the partial buffers.
+// result: `out` when there is one split, else the partial buffers. Warp
+// s * w.width + c holds stream s of the CTA's chunk c (kWarps / width streams;
+// w.width <= kMaxWidth).
 //   o_smem  [kWarps][kRows][HEAD] unnormalised outputs
 //   ml_smem [kWarps][kRows][2]    (running max in log2 units, denominator)
 // Must be called by every thread after a __syncthreads.
-template <typename T, int HEAD, int kWarps, int kRows>
-__device__ void finish_partition(const AttentionParams& p, const float* o_smem,
-                                 const float* ml_smem, int token, int head0, int num_rows,
-                                 int split) {
-  for (int idx = threadIdx.x; idx < num_rows * HEAD; idx += blockDim.x) {
-    const int r = idx / HEAD, d = idx % HEAD;
-    float m = -INFINITY;
+template <typename T, int HEAD, int kWarps, int kRows, int kMaxWidth>
+__device__ __forceinline__ void finish_partition(const AttentionParams& p, const float* o_smem,
+                                                 const float* ml_smem, const DecodeWork& w) {
+  const int width = w.width, streams = kWarps / width;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, ml_smem[(w * kRows + r) * 2]);
-    float denom = 0.f, acc = 0.f;
+  for (int c = 0; c < kMaxWidth; ++c) {
+    if (c >= w.num_chunks) break;
+    const HeadChunk chunk = head_chunk<kRows>(p, w.first_chunk + c);
+    for (int idx = threadIdx.x; idx < chunk.num_rows * HEAD; idx += blockDim.x) {
+      const int r = idx / HEAD, d = idx % HEAD;
+      float m = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float weight = exp2f(ml_smem[(w * kRows + r) * 2] - m);
-      denom += weight * ml_smem[(w * kRows + r) * 2 + 1];
-      acc += weight * o_smem[(w * kRows + r) * HEAD + d];
-    }
-    const int64_t row = static_cast<int64_t>(token) * p.num_heads + head0 + r;
-    if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[row * HEAD + d] = Convert<T>::from_float(acc / denom);
-    } else {
-      const int64_t part = row * p.num_splits + split;
-      p.partial_out[part * HEAD + d] = acc / denom;
-      if (d == 0) {
-        p.partial_ml[part * 2] = m;
-        p.partial_ml[part * 2 + 1] = denom;
+      for (int s = 0; s < kWarps; ++s) {
+        if (s < streams) m = fmaxf(m, ml_smem[((s * width + c) * kRows + r) * 2]);
+      }
+      float denom = 0.f, acc = 0.f;
+#pragma unroll
+      for (int s = 0; s < kWarps; ++s) {
+        if (s >= streams) break;
+        const int slot = (s * width + c) * kRows + r;
+        const float weight = exp2f(ml_smem[slot * 2] - m);
+        denom += weight * ml_smem[slot * 2 + 1];
+        acc += weight * o_smem[slot * HEAD + d];
+      }
+      const int64_t row = static_cast<int64_t>(w.token) * p.num_heads + chunk.head0 + r;
+      if (p.num_splits == 1) {
+        static_cast<T*>(p.out)[row * HEAD + d] = Convert<T>::from_float(acc / denom);
+      } else {
+        const int64_t part = row * p.num_splits + w.split;
+        p.partial_out[part * HEAD + d] = acc / denom;
+        if (d == 0) {
+          p.partial_ml[part * 2] = m;
+          p.partial_ml[part * 2 + 1] = denom;
+        }
       }
     }
   }

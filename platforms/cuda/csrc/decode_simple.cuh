@@ -6,6 +6,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "work.cuh"
 
 namespace pagedllm {
 
@@ -34,39 +35,29 @@ __global__ void __launch_bounds__(DecodeSimpleShape<HEAD>::kThreads)
   __shared__ float o_smem[S::kWarps * S::kRows * HEAD];
   __shared__ float ml_smem[S::kWarps * S::kRows * 2];
 
-  const DecodeCta cta = decode_cta<S::kRows>(p);
-  const int token = cta.token, split = cta.split, kv_head = cta.kv_head;
-  const int head0 = cta.head0, num_rows = cta.num_rows;
-  const QueryToken qt = locate_token(p, token);
-  const int start = split * p.partition_size;
-  const int end = min(qt.context_len, start + p.partition_size);
-  if (start >= end) {
-    write_empty_split(p, token, head0, num_rows, split);
-    return;
-  }
-
+  DecodeWork w;
+  if (!decode_work<S::kRows, 1>(p, w)) return;
+  const HeadChunk chunk = head_chunk<S::kRows>(p, w.first_chunk);
+  const Operands<T> ops = operands<T>(p);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const T* query = static_cast<const T*>(p.query) + token * p.query_stride_token;
   const float scale_log2 = p.scale * kLog2e;
   float q[S::kRows][S::kPerLane], o[S::kRows][S::kPerLane] = {};
   float m[S::kRows], l[S::kRows];
 #pragma unroll
   for (int r = 0; r < S::kRows; ++r) {
-    const int head = head0 + min(r, num_rows - 1);  // spare rows repeat a real head
-    load_row<T, HEAD>(query + head * p.query_stride_head, lane, q[r]);
+    const int head = chunk.head0 + min(r, chunk.num_rows - 1);  // spare rows repeat a real head
+    load_row<T, HEAD>(query_row(p, ops.query, w.token, head), lane, q[r]);
 #pragma unroll
     for (int i = 0; i < S::kPerLane; ++i) q[r][i] *= scale_log2;
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
 
-  const T* k_cache = static_cast<const T*>(p.key_cache);
-  const T* v_cache = static_cast<const T*>(p.value_cache);
-  for (int pos = start + warp; pos < end; pos += S::kWarps) {
-    const int64_t offset = cache_row_offset(p, qt.seq, pos, end, kv_head);
+  for (int pos = w.start + warp; pos < w.end; pos += S::kWarps) {
+    const int64_t offset = cache_row_offset(p, w.seq, pos, w.end, chunk.kv_head);
     float k[S::kPerLane], v[S::kPerLane];
-    load_row<T, HEAD>(k_cache + offset, lane, k);
-    load_row<T, HEAD>(v_cache + offset, lane, v);
+    load_row<T, HEAD>(ops.key_cache + offset, lane, k);
+    load_row<T, HEAD>(ops.value_cache + offset, lane, v);
 #pragma unroll
     for (int r = 0; r < S::kRows; ++r) {
       float score = 0.f;
@@ -98,8 +89,7 @@ __global__ void __launch_bounds__(DecodeSimpleShape<HEAD>::kThreads)
     }
   }
   __syncthreads();
-  finish_partition<T, HEAD, S::kWarps, S::kRows>(p, o_smem, ml_smem, token, head0, num_rows,
-                                                 split);
+  finish_partition<T, HEAD, S::kWarps, S::kRows, 1>(p, o_smem, ml_smem, w);
 }
 
 }  // namespace pagedllm

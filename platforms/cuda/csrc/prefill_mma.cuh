@@ -13,6 +13,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "work.cuh"
 
 namespace pagedllm {
 
@@ -158,16 +159,13 @@ __global__ void __launch_bounds__(PrefillShape<HEAD>::kThreads, PrefillShape<HEA
   const int context0 = p.seq_lens[seq] - q_len;  // position of the first new token
   const int kv_end = context0 + (min(num_rows, row0 + S::kRowsM) - 1) / group + 1;
 
+  const Operands<T> ops = operands<T>(p);
   {  // Q rows (zero past the sequence's queries)
     const int r = row0 + (threadIdx.x >> 1);
-    const T* src = static_cast<const T*>(p.query) + (q_start + r / group) * p.query_stride_token +
-                   (kv_head * group + r % group) * p.query_stride_head;
-    load_rows_async<T, HEAD>(q_smem, r < num_rows ? src : static_cast<const T*>(p.query),
-                             r < num_rows);
+    const T* src = query_row(p, ops.query, q_start + r / group, kv_head * group + r % group);
+    load_rows_async<T, HEAD>(q_smem, r < num_rows ? src : ops.query, r < num_rows);
   }
-  const T* k_cache = static_cast<const T*>(p.key_cache);
-  const T* v_cache = static_cast<const T*>(p.value_cache);
-  load_kv_tile<T, HEAD>(p, k_cache, k_smem, seq, 0, kv_end, kv_head);
+  load_kv_tile<T, HEAD>(p, ops.key_cache, k_smem, seq, 0, kv_end, kv_head);
   cp_async_commit();
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -197,7 +195,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD>::kThreads, PrefillShape<HEA
       cp_async_wait<0>();
       __syncthreads();  // K tile landed; every warp is done with the previous V
     }
-    load_kv_tile<T, HEAD>(p, v_cache, v_smem, seq, tile * S::kKeysN, kv_end, kv_head);
+    load_kv_tile<T, HEAD>(p, ops.value_cache, v_smem, seq, tile * S::kKeysN, kv_end, kv_head);
     cp_async_commit();
     float s[8][4], alpha[2];
     tile_scores<T, HEAD>(q_rows, q_frag, k_smem, lane, tile * S::kKeysN, row_pos, scale_log2, s);
@@ -212,7 +210,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD>::kThreads, PrefillShape<HEA
     cp_async_wait<0>();
     __syncthreads();  // V tile landed; every warp is done with this K
     if (tile + 1 < num_tiles) {
-      load_kv_tile<T, HEAD>(p, k_cache, k_smem, seq, (tile + 1) * S::kKeysN, kv_end, kv_head);
+      load_kv_tile<T, HEAD>(p, ops.key_cache, k_smem, seq, (tile + 1) * S::kKeysN, kv_end, kv_head);
       cp_async_commit();
     }
     accumulate_pv<T, HEAD>(s, v_smem, lane, o);
