@@ -8,6 +8,11 @@ CUTLASS) and other kernels; the host gap is the step's wall time the GPU
 spends idle (wall time - kernel time). Before that, the phases of
 `LLMEngine.step` are timed with host clocks (no profiler attached) and the
 Python hot spots listed by cProfile.
+
+The requests are streamed (cumulative outputs every step), so each engine
+step is one decode step with all its host work; `LLM.generate` runs up to
+`GpuModelRunner.max_decode_steps` decode steps per engine step instead
+(multi-step decode, engine.scheduler), which spreads that host work.
 """
 
 from __future__ import annotations

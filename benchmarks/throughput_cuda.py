@@ -97,15 +97,18 @@ def serving_stats(llm, workload: Workload) -> tuple[float, int]:
 
 def step_times(llm, workload: Workload) -> str:
     """Where one run's wall time goes: steps that prefill (some request computes more than
-    one token) vs pure decode steps, from host clocks around `LLMEngine.step`."""
+    one known token) vs decode steps, from host clocks around `LLMEngine.step`; a
+    multi-step decode (engine.scheduler) counts as its number of decode steps."""
     engine = llm.llm_engine
     scheduler = engine.scheduler
-    steps: list[tuple[int, int, float]] = []  # (tokens, sequences, seconds)
+    steps: list[list] = []  # [prefill?, sequences, decode steps, seconds]
     schedule, step = scheduler.schedule, engine.step
 
     def observed_schedule():
         output = schedule()
-        steps.append((output.total_num_scheduled_tokens, len(output.scheduled_requests), 0.0))
+        num_seqs = len(output.scheduled_requests)
+        prefill = output.decode_steps == 1 and output.total_num_scheduled_tokens != num_seqs
+        steps.append([prefill, num_seqs, output.decode_steps, 0.0])
         return output
 
     def timed_step():
@@ -113,22 +116,22 @@ def step_times(llm, workload: Workload) -> str:
         try:
             return step()
         finally:
-            tokens, seqs, _ = steps[-1]
-            steps[-1] = (tokens, seqs, time.perf_counter() - started)
+            steps[-1][3] = time.perf_counter() - started
 
     scheduler.schedule, engine.step = observed_schedule, timed_step
     try:
         _, elapsed = run_pagedllm(llm, workload)
     finally:
         del scheduler.schedule, engine.step
-    decode = [(seqs, sec) for tokens, seqs, sec in steps if tokens == seqs]
-    prefill = [sec for tokens, seqs, sec in steps if tokens != seqs]
-    decode_s = sum(sec for _, sec in decode)
-    return (f"{elapsed:.2f} s: {len(prefill)} prefill steps {sum(prefill):.2f} s; "
-            f"{len(decode)} decode steps {decode_s:.2f} s "
-            f"({1e3 * decode_s / max(len(decode), 1):.2f} ms each, mean batch "
-            f"{sum(seqs for seqs, _ in decode) / max(len(decode), 1):.0f}); "
-            f"outside steps {elapsed - decode_s - sum(prefill):.2f} s")
+    prefill_s = sum(sec for prefill, _, _, sec in steps if prefill)
+    decode = [(seqs, num, sec) for prefill, seqs, num, sec in steps if not prefill]
+    num_decode = sum(num for _, num, _ in decode)
+    decode_s = sum(sec for _, _, sec in decode)
+    return (f"{elapsed:.2f} s: {len(steps) - len(decode)} prefill steps {prefill_s:.2f} s; "
+            f"{num_decode} decode steps in {len(decode)} schedules {decode_s:.2f} s "
+            f"({1e3 * decode_s / max(num_decode, 1):.2f} ms each, mean batch "
+            f"{sum(seqs * num for seqs, num, _ in decode) / max(num_decode, 1):.0f}); "
+            f"outside steps {elapsed - decode_s - prefill_s:.2f} s")
 
 
 def cold_start(model_dir: str, backend: str) -> float:
