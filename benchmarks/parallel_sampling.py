@@ -67,6 +67,27 @@ class StepProbe:
         return output
 
 
+def forked_vs_independent(llm: LLM, vocab_size: int, input_len: int, output_len: int,
+                          n: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((peak KV blocks, prompt tokens scheduled) of one prompt sampled n times as
+    `SamplingParams(n=n)`, the same of n independent requests for another prompt)."""
+    probe = StepProbe(llm)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        prompts = torch.randint(2, vocab_size, (2, input_len), generator=generator).tolist()
+        params = dict(max_tokens=output_len, ignore_eos=True, temperature=1.0)
+        outputs = llm.generate({"prompt_token_ids": prompts[0]},
+                               SamplingParams(n=n, seed=0, **params), use_tqdm=False)
+        assert [len(c.token_ids) for c in outputs[0].outputs] == [output_len] * n
+        forked = (probe.peak_blocks, probe.prompt_tokens)
+        probe.reset()
+        llm.generate([{"prompt_token_ids": prompts[1]}] * n,
+                     [SamplingParams(seed=i, **params) for i in range(n)], use_tqdm=False)
+        return forked, (probe.peak_blocks, probe.prompt_tokens)
+    finally:
+        probe.restore()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input-len", type=int, default=512)
@@ -78,18 +99,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as model_dir:
         make_model(model_dir, args.input_len + args.output_len)
         llm = LLM(model=model_dir, device="cpu", dtype="float32", block_size=args.block_size)
-        probe = StepProbe(llm)
-        generator = torch.Generator().manual_seed(0)
-        prompts = torch.randint(2, VOCAB_SIZE, (2, args.input_len), generator=generator).tolist()
-        params = dict(max_tokens=args.output_len, ignore_eos=True, temperature=1.0)
-        outputs = llm.generate({"prompt_token_ids": prompts[0]},
-                               SamplingParams(n=args.n, seed=0, **params), use_tqdm=False)
-        assert [len(c.token_ids) for c in outputs[0].outputs] == [args.output_len] * args.n
-        forked = (probe.peak_blocks, probe.prompt_tokens)
-        probe.reset()
-        llm.generate([{"prompt_token_ids": prompts[1]}] * args.n,
-                     [SamplingParams(seed=i, **params) for i in range(args.n)], use_tqdm=False)
-        independent = (probe.peak_blocks, probe.prompt_tokens)
+        forked, independent = forked_vs_independent(llm, VOCAB_SIZE, args.input_len,
+                                                    args.output_len, args.n)
     print(f"{args.n} samples of one {args.input_len}-token prompt, {args.output_len} tokens "
           f"each, block_size {args.block_size}")
     print(f"{'':>24} {'peak KV blocks':>15} {'prompt tokens scheduled':>24}")

@@ -32,6 +32,7 @@ import torch
 
 import decode_profile
 import hf_baselines
+import parallel_sampling
 from tp_throughput import write_random_model
 
 Workload = tuple[list[list[int]], list[int]]
@@ -171,6 +172,8 @@ def bench_backend(model_dir: str, backend: str, loads: dict[str, Workload], args
               flush=True)
     result["single"] = run_pagedllm(llm, ([workloads(vocab_size, 1, seed=3)["fixed"][0][0]],
                                           [256]))
+    forked, independent = parallel_sampling.forked_vs_independent(llm, vocab_size, 256, 256, 4)
+    result["n4_blocks"] = (forked[0], independent[0])
     if args.profile and backend == args.backends[0]:
         summary = decode_profile.profile_decode(llm, args.profile_batch, 256, 5,
                                                 args.trace)
@@ -206,7 +209,9 @@ def report(results: dict, baselines: dict, loads: dict, cold: float | None) -> N
     for backend, result in results.items():
         print(f"[{backend}] LLM start-up (warm caches) {result['startup_s']:.1f} s, "
               f"{result['num_blocks']} KV blocks; single request "
-              f"{result['single'][0]:.0f} tok/s")
+              f"{result['single'][0]:.0f} tok/s; n=4 parallel sampling (256 in, 256 out): "
+              f"peak KV blocks {result['n4_blocks'][0]} forked vs "
+              f"{result['n4_blocks'][1]} for 4 independent requests")
         for name in loads:
             tok_s = result[name][0]
             ratios = ", ".join(f"{tok_s / base[0]:.2f}x {label}"
