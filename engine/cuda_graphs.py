@@ -9,6 +9,12 @@ the graph of the smallest captured size >= n, padded (`InputBuffers.stage`).
 The attention backends size their grids from the `max_seq_len` hint, which
 the padded inputs fix at max_model_len, so every replay launches the grid it
 was captured with; the kernels read the true lengths from `seq_lens`.
+
+Under tensor parallelism the graphs hold the row-parallel all-reduces too
+(NCCL collectives are capturable; every rank captures the same sizes in the
+same order). The capture is thread-local, so that CUDA calls other threads
+make meanwhile (NCCL's watchdog polls the events of the warm-up's
+collectives) cannot invalidate it.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ class DecodeGraphs:
             # The warm-up compiles kernels and settles cuBLAS workspaces outside capture.
             self.forward(inputs)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 hidden = self.forward(inputs)
             self._graphs[size] = (graph, hidden)
         torch.cuda.synchronize()

@@ -12,6 +12,13 @@ model), less time per step:
 
 The step waits on the GPU once, to read the sampled token ids. `LLM(...,
 enforce_eager=True)` keeps the plain runner on a GPU too.
+
+Tensor parallelism: every rank runs this runner. The row-parallel
+all-reduces are captured in the graphs with the rest of the forward pass.
+Whether a step replays a graph, and which, follows from the plan alone (its
+tokens and sequences) and from the captured sizes, which `capture_sizes`
+derives from the config every rank shares: all ranks replay the same graph,
+so their collectives match.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ from typing import Callable
 import torch
 
 from engine.cuda_graphs import DecodeGraphs, capture_sizes
-from engine.distributed.parallel_state import get_tp_group
 from engine.input_buffers import InputBuffers
 from engine.model_runner import ModelRunner
 from engine.step_inputs import StepArrays, StepInputs, StepPlan, decode_steps_max_seq_len
@@ -34,10 +40,9 @@ _HOST = torch.device("cpu")
 
 
 def make_model_runner(config, platform, attn_backend, model: torch.nn.Module) -> ModelRunner:
-    """`GpuModelRunner` on the cuda platform (single rank, not enforce_eager), else
-    the plain `ModelRunner`."""
-    fast = (platform.name == "cuda" and not config.enforce_eager
-            and get_tp_group().world_size == 1)
+    """`GpuModelRunner` on the cuda platform (unless enforce_eager), on every
+    tensor-parallel rank alike, else the plain `ModelRunner`."""
+    fast = platform.name == "cuda" and not config.enforce_eager
     runner_class = GpuModelRunner if fast else ModelRunner
     return runner_class(config, platform, attn_backend, model)
 

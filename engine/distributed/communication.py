@@ -1,13 +1,12 @@
 """Collectives over the tensor-parallel group; each is the identity on a single rank.
 
-`all_reduce` sums the partial outputs of row-parallel layers, `all_gather`
-joins vocabulary shards of logits, and `broadcast_object` sends rank 0's
-step plan (any picklable object) to the workers over the CPU group.
+`all_reduce` sums the partial outputs of row-parallel layers (also inside a
+captured CUDA graph: NCCL collectives are capturable) and `all_gather` joins
+vocabulary shards of logits. Rank 0's step plans travel through
+`engine.distributed.step_channel`.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,16 +31,6 @@ def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(group.world_size)]
     dist.all_gather(parts, tensor, group=group.device_group)
     return torch.cat(parts, dim=dim)
-
-
-def broadcast_object(obj: Any = None) -> Any:
-    """Rank 0's `obj`, on every rank (the others pass nothing)."""
-    group = get_tp_group()
-    if group.world_size == 1:
-        return obj
-    box = [obj if group.is_driver else None]
-    dist.broadcast_object_list(box, src=0, group=group.cpu_group)
-    return box[0]
 
 
 def all_reduce_min(value: int) -> int:

@@ -8,11 +8,31 @@ MASTER_ADDR:MASTER_PORT. Either way each rank binds its device (LOCAL_RANK
 on its host), joins the group through `Platform.dist_backend`, and only
 rank 0 returns to the engine: the others serve its steps
 (`engine.distributed.worker`).
+
+Stopping (`TensorParallelWorkers.shutdown`, bounded in time whatever state
+the workers are in): rank 0 sends the stop and waits, at most
+STOP_HANDSHAKE_TIMEOUT, for every worker to answer; then all ranks tear the
+group down together (NCCL's teardown waits on the peers, so rank 0 must not
+first wait for the workers to exit), and rank 0 joins the processes it
+started, terminating and then killing any that linger. Workers that do not
+answer are killed first and the group aborted. It runs once, on the
+engine's `shutdown()`, its garbage collection or interpreter exit, whichever
+comes first: its exit hook is registered after the processes start, so it
+runs before multiprocessing's own hook, which would SIGTERM the (daemonic)
+workers and leave rank 0 tearing NCCL down against dead peers. A spawned
+worker also exits at once if the engine process dies.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import sys
+import threading
+import traceback
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any, Optional
@@ -23,13 +43,15 @@ import torch.multiprocessing as mp
 
 from engine.distributed.environment import keep_multicast_off, torch_backend, torchrun_env
 from engine.distributed.parallel_state import (COLLECTIVE_TIMEOUT, TensorParallelGroup,
-                                               destroy_tp_group, init_tp_group)
-from engine.distributed.step_channel import send_stop
+                                               abort_tp_group, destroy_tp_group, init_tp_group)
+from engine.distributed.step_channel import send_stop, stop_handshake
 
 logger = logging.getLogger(__name__)
 
 _STORE_HOST = "127.0.0.1"
-_JOIN_SECONDS = 60
+#: how long a stopped worker may take to exit, and then to die of SIGTERM
+_EXIT_SECONDS = 10
+_TERMINATE_SECONDS = 2
 
 
 def check_world_size(platform: Any, tensor_parallel_size: int) -> None:
@@ -65,29 +87,56 @@ class TensorParallelWorkers:
     """Rank 0's handle on the other ranks: stops them when the engine shuts down."""
     group: TensorParallelGroup
     processes: list[BaseProcess] = field(default_factory=list)
+    stopped: bool = False
 
     def shutdown(self) -> None:
-        """Tell the workers to exit, wait for the ones this process started, leave."""
+        """Stop the workers and leave the group with them; a no-op once done."""
+        if self._finish():
+            return
         try:
             send_stop()
-        except RuntimeError as err:  # a worker already gone: nothing left to tell
-            logger.warning("stopping tensor-parallel workers: %s", err)
-        self._reap(timeout=_JOIN_SECONDS)
+            stop_handshake()
+        except RuntimeError as err:  # a worker is gone, or stuck in a collective
+            logger.warning("tensor-parallel workers did not answer the stop, killing "
+                           "them: %s", err)
+            self._kill()
+            return
         destroy_tp_group()
+        self._reap()
 
     def abort(self) -> None:
         """Kill the workers without a word (the engine failed to start)."""
+        if not self._finish():
+            self._kill()
+
+    def _finish(self) -> bool:
+        """Mark the workers stopped; whether they already were."""
+        stopped, self.stopped = self.stopped, True
+        atexit.unregister(self.shutdown)
+        return stopped
+
+    def _kill(self) -> None:
         for process in self.processes:
             process.kill()
-        self._reap(timeout=_JOIN_SECONDS)
-        destroy_tp_group()
-
-    def _reap(self, timeout: float) -> None:
         for process in self.processes:
-            process.join(timeout)
+            process.join()
+        self.processes = []
+        abort_tp_group()
+
+    def _reap(self) -> None:
+        for process in self.processes:
+            process.join(_EXIT_SECONDS)
+            if process.is_alive():
+                logger.warning("tensor-parallel worker %s did not exit within %d s: "
+                               "terminating it", process.name, _EXIT_SECONDS)
+                process.terminate()
+                process.join(_TERMINATE_SECONDS)
             if process.is_alive():
                 process.kill()
                 process.join()
+            if process.exitcode:
+                logger.warning("tensor-parallel worker %s ended with exit code %s",
+                               process.name, process.exitcode)
         self.processes = []
 
 
@@ -101,8 +150,10 @@ def start_workers(platform: Any, config: Any) -> TensorParallelWorkers:
     keep_multicast_off()
     launch = torchrun_env()
     if launch is not None:
-        return TensorParallelWorkers(join_group(platform, world_size, launch.rank,
-                                                launch.local_rank, store=None))
+        workers = TensorParallelWorkers(join_group(platform, world_size, launch.rank,
+                                                   launch.local_rank, store=None))
+        atexit.register(workers.shutdown)
+        return workers
     store = dist.TCPStore(_STORE_HOST, 0, world_size, is_master=True,
                           timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False)
     context = mp.get_context("spawn")
@@ -112,6 +163,7 @@ def start_workers(platform: Any, config: Any) -> TensorParallelWorkers:
     for process in processes:
         process.start()
     workers = TensorParallelWorkers(TensorParallelGroup(), processes)
+    atexit.register(workers.shutdown)
     try:
         workers.group = join_group(platform, world_size, 0, 0, store)
     except BaseException:
@@ -125,6 +177,31 @@ def _worker_process(rank: int, store_port: int, config: Any) -> None:
     # engine setup, which imports this module.
     from engine.distributed.worker import run_spawned_worker
 
-    store = dist.TCPStore(_STORE_HOST, store_port, config.tensor_parallel_size,
-                          is_master=False, timeout=COLLECTIVE_TIMEOUT)
-    run_spawned_worker(config, rank, store)
+    _exit_with_parent()
+    exit_code = 0
+    try:
+        store = dist.TCPStore(_STORE_HOST, store_port, config.tensor_parallel_size,
+                              is_master=False, timeout=COLLECTIVE_TIMEOUT)
+        run_spawned_worker(config, rank, store)
+    except BaseException:
+        traceback.print_exc()
+        exit_code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Skip the interpreter's teardown: after an error the process group is
+        # still up, and its destructor would wait for peers that are gone.
+        os._exit(exit_code)
+
+
+def _exit_with_parent() -> None:
+    """Leave as soon as the engine process dies (killed, crashed): a worker waiting in a
+    device collective would otherwise sit out NCCL's timeout."""
+    sentinel = multiprocessing.parent_process().sentinel
+
+    def wait_and_exit() -> None:
+        multiprocessing.connection.wait([sentinel])
+        os._exit(1)
+
+    threading.Thread(target=wait_and_exit, name="pagedllm-tp-parent-watch",
+                     daemon=True).start()

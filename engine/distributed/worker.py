@@ -4,7 +4,11 @@ A worker never schedules, samples or tokenizes. It resolves the model as
 rank 0 does, loads its shard, sizes its KV cache together with the other
 ranks, then loops: receive rank 0's step plan, run the same forward pass on
 its shard (taking part in the all-reduces and the logits all-gather), wait
-for the next. It returns when rank 0 stops it.
+for the next. When rank 0 stops it, it answers the stop handshake and
+leaves the group together with rank 0, then returns. On an error (rank 0
+gone, a failed step) it raises without tearing the group down: NCCL's
+teardown would wait for peers that are not coming, and the process's exit
+frees everything anyway.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from engine.config import EngineConfig
 from engine.distributed.environment import torchrun_env
 from engine.distributed.launcher import check_world_size, join_group
 from engine.distributed.parallel_state import destroy_tp_group
-from engine.distributed.step_channel import receive_step
+from engine.distributed.step_channel import receive_step, stop_handshake
 from engine.engine_setup import build_model_runner, resolve_model_setup
 
 logger = logging.getLogger(__name__)
@@ -47,10 +51,9 @@ def run_torchrun_worker(config: EngineConfig) -> None:
 
 
 def _serve(config: EngineConfig, setup) -> None:
-    try:
-        runner = build_model_runner(config, setup)
-        logger.info("tensor-parallel worker ready: %d KV blocks", runner.num_blocks)
-        while (plan := receive_step()) is not None:
-            runner.execute_plan(plan)
-    finally:
-        destroy_tp_group()
+    runner = build_model_runner(config, setup)
+    logger.info("tensor-parallel worker ready: %d KV blocks", runner.num_blocks)
+    while (plan := receive_step()) is not None:
+        runner.execute_plan(plan)
+    stop_handshake()
+    destroy_tp_group()

@@ -18,7 +18,10 @@ rounding and in bfloat16 they differ only in reduction order.
 
 `fused_llama_forward(model, max_positions)` is `LlamaForCausalLM.forward`
 built from these kernels and the model's own projection modules, or None for
-models it does not cover (non-LLaMA, non-SiLU MLPs, tensor parallelism).
+models it does not cover (non-LLaMA, non-SiLU MLPs). Under tensor
+parallelism the modules are the rank's shards: the kernels see the rank's
+heads and intermediate slice, and the parallel layers (vocabulary-parallel
+embedding, row-parallel o_proj and down_proj) do their own all-reduces.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import triton
 import triton.language as tl
 
 from engine.attention_metadata import AttentionMetadata
-from engine.distributed.parallel_state import get_tp_group
 from engine.models.llama import LlamaForCausalLM
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, list], torch.Tensor]
@@ -198,7 +200,7 @@ class FusedLlamaForward:
 
 def fused_llama_forward(model: torch.nn.Module, max_positions: int) -> Optional[ForwardFn]:
     """A FusedLlamaForward for `model`, or None where the plain forward must run."""
-    if not isinstance(model, LlamaForCausalLM) or get_tp_group().world_size != 1:
+    if not isinstance(model, LlamaForCausalLM):
         return None
     if getattr(model.config, "hidden_act", None) != "silu":
         return None
