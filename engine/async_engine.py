@@ -11,9 +11,15 @@ Outputs are cumulative (RequestOutput), so a consumer that falls behind is hande
 only the latest output of each request: nothing is lost, there are just fewer,
 larger increments.
 
+A request with n > 1 is one engine request: the engine forks its n samples off
+the prompt's KV blocks (engine.parallel_sampling), and each output holds all n
+completions.
+
 Admission: with `max_num_waiting`, requests that would make the waiting queue
 longer are refused at once (EngineOverloadedError) instead of queueing without
-bound; after `stop_accepting()` (a graceful shutdown) every new request is
+bound. A request counts once per sample until the engine thread has queued
+it, then as the scheduler counts it (once, until its prefill forks the
+samples). After `stop_accepting()` (a graceful shutdown) every new request is
 refused while those in flight run on.
 """
 
@@ -22,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import queue
 import threading
@@ -42,8 +47,13 @@ from engine.serving_stats import StatsTracker, StepStats
 logger = logging.getLogger(__name__)
 
 StepListener = Callable[[StepStats], None]
-#: one engine request: (request_id, prompt, sampling params with n=1)
+#: one engine request: (request_id, prompt, sampling params)
 EngineRequest = tuple[str, PromptType, SamplingParams]
+
+
+def num_sequences(requests: Sequence[EngineRequest]) -> int:
+    """The samples the requests make together: what max_num_waiting counts them as."""
+    return sum(params.n for _, _, params in requests)
 
 
 class EngineShutdownError(RuntimeError):
@@ -76,28 +86,15 @@ class _AbortCommand:
     request_ids: list[str]
 
 
-def fan_out(request_id: str, prompt: PromptType,
-            params: SamplingParams) -> list[EngineRequest]:
-    """The n samples of one prompt as n engine requests `{request_id}-{i}` with n=1.
-
-    A seeded request gives sample i the seed `seed + i`: the samples differ from
-    each other and each is reproducible.
-    """
-    if params.n == 1:
-        return [(request_id, prompt, params)]
-    return [(f"{request_id}-{i}", prompt, dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else params.seed + i))
-            for i in range(params.n)]
-
-
 class RequestStream:
     """Async iterator over the outputs of engine requests added together.
 
     Yields `(index, RequestOutput)`, index = the request's position in the list
-    given to `add_requests`; each request's last output has `finished=True` and
-    iteration ends once all have finished. A request that fails raises its error
-    here and the others are aborted. Leaving early: call `abort()` or use the
-    stream as an async context manager.
+    given to `add_requests`; an output holds the request's n completions, each
+    finished once it has a finish_reason. Each request's last output has
+    `finished=True` and iteration ends once all have finished. A request that
+    fails raises its error here and the others are aborted. Leaving early: call
+    `abort()` or use the stream as an async context manager.
     """
 
     def __init__(self, engine: "AsyncLLMEngine", request_ids: list[str], sink: _Sink):
@@ -151,12 +148,12 @@ class AsyncLLMEngine:
     """Serve one LLMEngine to any number of coroutines; the step loop starts at once."""
 
     def __init__(self, engine: LLMEngine, max_num_waiting: Optional[int] = None):
+        self._waiting = WaitingQueueBound(max_num_waiting)
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = False
         self._accepting = True
-        self._waiting = WaitingQueueBound(max_num_waiting)
         # Held to queue a command, and by the exiting engine thread to refuse more:
         # every queued command is answered.
         self._commands_lock = threading.Lock()
@@ -169,6 +166,8 @@ class AsyncLLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig,
                     max_num_waiting: Optional[int] = None) -> "AsyncLLMEngine":
+        """ValueError naming max_num_waiting for a bad bound, before the model loads."""
+        WaitingQueueBound(max_num_waiting)
         return cls(LLMEngine(config), max_num_waiting)
 
     @property
@@ -236,13 +235,11 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one prompt; with n > 1 (see `fan_out`) each output
-        holds one sample, whose CompletionOutput.index says which."""
-        stream = await self.add_requests(fan_out(request_id, prompt, params))
+        """Cumulative outputs of one prompt, each with its n completions."""
+        stream = await self.add_requests([(request_id, prompt, params)])
         async with stream:
-            async for index, output in stream:
-                completions = [dataclasses.replace(c, index=index) for c in output.outputs]
-                yield dataclasses.replace(output, request_id=request_id, outputs=completions)
+            async for _, output in stream:
+                yield output
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop the step loop after the current step; requests in flight fail."""
@@ -259,7 +256,7 @@ class AsyncLLMEngine:
             if isinstance(command, _AddCommand):
                 if not self._accepting:
                     raise EngineShutdownError("the server is shutting down")
-                self._waiting.admit(len(command.requests))
+                self._waiting.admit(num_sequences(command.requests))
             self._commands.put(command)
         self._wakeup.set()
 
@@ -307,7 +304,8 @@ class AsyncLLMEngine:
         except Exception as err:  # the request's own error: it goes back to its caller
             added, error = [], err
         with self._commands_lock:
-            self._waiting.settle(len(command.requests), self.engine.scheduler.num_waiting)
+            self._waiting.settle(num_sequences(command.requests),
+                                 self.engine.scheduler.num_waiting)
         for request_id in added:
             self._sinks[request_id] = command.sink
             self._stats.add_request(request_id, command.arrival_time)

@@ -110,7 +110,9 @@ class StatsTracker:
                 self._pending.queue_times.append(step_start - times.arrival_time)
 
     def _record_output(self, times: _RequestTimes, output: RequestOutput, now: float) -> None:
-        num_tokens = len(output.outputs[0].token_ids) if output.outputs else 0
+        """Tokens count over all of a request's samples (n > 1); latencies are per sample:
+        each new token of one sample since the last output shares the time between them."""
+        num_tokens = sum(len(completion.token_ids) for completion in output.outputs)
         num_new = num_tokens - times.num_generation_tokens
         if num_new > 0:
             if times.first_token_time is None:
@@ -119,8 +121,9 @@ class StatsTracker:
                 self._pending.num_prompt_tokens += times.num_prompt_tokens
                 self._pending.time_to_first_tokens.append(now - times.arrival_time)
             else:
+                per_sample = max(num_new / len(output.outputs), 1.0)
                 self._pending.inter_token_latencies.append(
-                    (now - times.last_token_time) / num_new)
+                    (now - times.last_token_time) / per_sample)
             times.last_token_time = now
             times.num_generation_tokens = num_tokens
             self._pending.num_generation_tokens += num_new

@@ -15,6 +15,7 @@ from tiny_models import tiny_model_factory  # noqa: F401  (fixture)
 
 from engine import LLM, SamplingParams
 from engine.async_engine import AsyncLLMEngine, EngineShutdownError
+from engine.config import EngineConfig
 
 PROMPTS = ["Hello, how are you", "The capital of France", "def add(a, b):", "Once upon a"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -137,18 +138,26 @@ def test_n_samples_are_distinct_and_reproducible(served):
     params = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
 
     async def run(request_id):
-        finals = {}
-        async for output in engine.generate("Hello", params, request_id):
-            assert output.request_id == request_id
-            finals[output.outputs[0].index] = output
-        return finals
+        return await final_output(engine, "Hello", params, request_id)
 
     first, second = asyncio.run(run("n-a")), asyncio.run(run("n-b"))
-    assert sorted(first) == [0, 1] and all(o.finished for o in first.values())
-    texts = [first[i].outputs[0].token_ids for i in (0, 1)]
-    assert texts[0] != texts[1]
-    assert texts == [second[i].outputs[0].token_ids for i in (0, 1)]
+    assert first.request_id == "n-a" and first.finished
+    assert [c.index for c in first.outputs] == [0, 1]
+    assert all(c.finish_reason == "length" for c in first.outputs)
+    tokens = [c.token_ids for c in first.outputs]
+    assert tokens[0] != tokens[1]
+    assert tokens == [c.token_ids for c in second.outputs]
     wait_idle(engine)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "8"])
+def test_a_bad_max_num_waiting_is_refused_before_the_model_loads(monkeypatch, value):
+    def load(config):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("engine.async_engine.LLMEngine", load)
+    with pytest.raises(ValueError, match="max_num_waiting"):
+        AsyncLLMEngine.from_config(EngineConfig(model="unused"), max_num_waiting=value)
 
 
 def test_an_idle_loop_sleeps(served):

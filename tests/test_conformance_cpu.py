@@ -15,9 +15,10 @@ import torch
 
 import platforms
 from ci import conformance, matrix
+from ci.batches import build_batch, poisoned_caches
 from ci.conformance import FAIL, PASS, SKIP, format_row, run_backend, run_cases
 from platforms.cpu.fast import FastCpuBackend
-from platforms.cpu.reference import ReferenceBackend
+from platforms.cpu.reference import ReferenceBackend, write_kv_nhd
 
 CPU = torch.device("cpu")
 QUICK_CASES = matrix.cases("cpu", quick=True)
@@ -50,21 +51,41 @@ class IgnoresCausalOffset(ReferenceBackend):
                                block_tables, query_lens, query_start_loc, scale)
 
 
-class GathersOneBlockTooMany(FastCpuBackend):
-    """Gathers one block past each sequence's last and trusts the causal mask.
+class GathersOneBlockTooMany(ReferenceBackend):
+    """Reads one block past each sequence's last and trusts the causal mask to hide it.
 
-    It neither redirects unused block-table entries nor zeroes past seq_len,
-    so the NaN padding slots and the extra block reach `probs @ v`.
+    Like a kernel looping over whole blocks plus one, with its block-table reads
+    clamped into the pool: the keys past seq_len (the last block's padding
+    slots, then the next table entry's block) get probability 0, yet their NaN
+    poison reaches `probs @ v` (0 * NaN). Built on the reference by giving each
+    sequence masked query rows up to the end of that extra block, and then
+    dropping them: the real rows keep their positions and see the extra keys
+    only as masked ones.
     """
 
     name = "gathers-one-block-too-many"
 
-    @staticmethod
-    def _gather_context(cache, block_tables, seq_ids, seq_lens, max_seq_len, compute_dtype):
-        block_size = cache.shape[1]
-        num_blocks = (max_seq_len + block_size - 1) // block_size + 1
-        block_ids = block_tables[seq_ids, :num_blocks].long().clamp(0, cache.shape[0] - 1)
-        return cache[block_ids].flatten(1, 2).to(compute_dtype).transpose(1, 2)
+    def forward(self, query, key, value, key_cache, value_cache, slot_mapping, block_tables,
+                seq_lens, query_start_loc, scale, max_seq_len=None, max_query_len=None):
+        block_size = key_cache.shape[1]
+        read_lens = ((seq_lens + block_size - 1) // block_size + 1) * block_size
+        query_lens = query_start_loc[1:] - query_start_loc[:-1]
+        padded_start = torch.zeros_like(query_start_loc)
+        padded_start[1:] = torch.cumsum(query_lens + read_lens - seq_lens, 0)
+        # row of each real token among the padded ones: the extra rows follow each sequence's
+        rows = torch.arange(len(query)) + torch.repeat_interleave(
+            padded_start[:-1] - query_start_loc[:-1], query_lens)
+
+        def padded(x, fill):
+            out = x.new_full((int(padded_start[-1]), *x.shape[1:]), fill)
+            out[rows] = x
+            return out
+
+        out = super().forward(padded(query, 0), padded(key, 0), padded(value, 0), key_cache,
+                              value_cache, padded(slot_mapping, -1),
+                              block_tables.clamp(0, key_cache.shape[0] - 1), read_lens,
+                              padded_start, scale)
+        return out[rows]
 
 
 class SkipsWriteKv(ReferenceBackend):
@@ -92,6 +113,23 @@ def test_harness_fails_a_backend_that_reads_poisoned_slots():
         assert result.status == FAIL, format_row(result)
         assert result.rel_err != result.rel_err, "the NaN poison should reach the output"
         assert result.cache_ok
+
+
+@pytest.mark.parametrize("case", PROBE_CASES, ids=lambda case: case.id)
+def test_reading_one_block_too_many_is_harmless_but_for_the_poison(case):
+    """With zeros where the poison was, the broken backend is the reference: the harness
+    catches it by its reads alone."""
+    batch = build_batch(case)
+    nhd = (batch.num_blocks, batch.block_size, case.num_kv_heads, case.head_size)
+    outs = []
+    for backend in (ReferenceBackend(), GathersOneBlockTooMany()):
+        caches = poisoned_caches(batch, nhd, case.dtype, CPU, write_kv_nhd,
+                                 with_new_tokens=False)
+        outs.append(backend.forward(
+            batch.query, batch.key, batch.value, *(c.nan_to_num(0.0) for c in caches),
+            batch.slot_mapping, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+            batch.scale))
+    torch.testing.assert_close(outs[1], outs[0])
 
 
 def test_harness_fails_a_backend_that_skips_write_kv():

@@ -14,6 +14,8 @@ Only models whose head size both backends support (64, 128) are used.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -21,7 +23,7 @@ from transformers import AutoTokenizer
 from engine import LLM, SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.gpu_model_runner import GpuModelRunner
-from tiny_models import hf_reference_model, tiny_model_factory  # noqa: F401
+from tiny_models import hf_greedy_tokens, tiny_model_factory  # noqa: F401
 
 pytestmark = pytest.mark.gpu
 
@@ -47,27 +49,13 @@ def make_prompts(vocab_size: int) -> list:
 @pytest.fixture(scope="module")
 def hf_greedy(tiny_model_factory):
     """name -> (model_dir, prompts, HF float32 greedy tokens per prompt), cached."""
-    cache = {}
-
+    @functools.cache
     def reference(name: str):
-        if name not in cache:
-            model_dir = tiny_model_factory(name)
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            model = hf_reference_model(model_dir)
-            prompts = make_prompts(len(tokenizer))
-            expected = []
-            for prompt in prompts:
-                ids = (tokenizer.encode(prompt) if isinstance(prompt, str)
-                       else prompt["prompt_token_ids"])
-                ids = torch.tensor([ids])
-                with torch.no_grad():
-                    out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                         do_sample=False, max_new_tokens=NUM_TOKENS,
-                                         min_new_tokens=NUM_TOKENS,
-                                         pad_token_id=tokenizer.pad_token_id)
-                expected.append(out[0, ids.shape[1]:].tolist())
-            cache[name] = (str(model_dir), prompts, expected)
-        return cache[name]
+        model_dir = tiny_model_factory(name)
+        prompts = make_prompts(len(AutoTokenizer.from_pretrained(model_dir)))
+        expected = hf_greedy_tokens(model_dir, prompts, [NUM_TOKENS] * len(prompts),
+                                    ignore_eos=True)
+        return str(model_dir), prompts, expected
 
     return reference
 

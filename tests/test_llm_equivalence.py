@@ -11,12 +11,15 @@ filled with NaN. The HF reference generates each prompt alone, without padding.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from engine import LLM, SamplingParams
 from cpu_threads import single_torch_thread  # noqa: F401
-from tiny_models import TINY_MODELS, hf_reference_model, tiny_model_factory  # noqa: F401
+from tiny_models import TINY_MODELS, hf_greedy_tokens, tiny_model_factory  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -55,32 +58,16 @@ def make_prompts(vocab_size: int, seed: int) -> tuple[list, list[SamplingParams]
     return prompts, params
 
 
-def prompt_token_ids(tokenizer, prompt) -> list[int]:
-    return tokenizer.encode(prompt) if isinstance(prompt, str) else prompt["prompt_token_ids"]
-
-
 @pytest.fixture(scope="module")
 def hf_greedy(tiny_model_factory):
     """name -> (model_dir, prompts, params, HF's greedy output ids per prompt), cached."""
-    cache = {}
-
+    @functools.cache
     def reference(name: str):
-        if name not in cache:
-            model_dir = tiny_model_factory(name)
-            hf_model = hf_reference_model(model_dir)
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            prompts, params = make_prompts(len(tokenizer), seed=len(name))
-            expected = []
-            for prompt, param in zip(prompts, params):
-                ids = torch.tensor([prompt_token_ids(tokenizer, prompt)])
-                with torch.no_grad():
-                    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids),
-                                            do_sample=False, max_new_tokens=param.max_tokens,
-                                            pad_token_id=tokenizer.pad_token_id)
-                expected.append(out[0, ids.shape[1]:].tolist())
-            cache[name] = (model_dir, prompts, params, expected)
-        return cache[name]
+        model_dir = tiny_model_factory(name)
+        prompts, params = make_prompts(len(AutoTokenizer.from_pretrained(model_dir)),
+                                       seed=len(name))
+        expected = hf_greedy_tokens(model_dir, prompts, [p.max_tokens for p in params])
+        return model_dir, prompts, params, expected
 
     return reference
 

@@ -6,10 +6,12 @@ exactly. Errors, authentication, disconnects and metrics: test_server_errors.py.
 """
 
 import asyncio
+import math
 from collections.abc import Mapping
 
 import openai
 import pytest
+import torch
 from server_harness import base_url, engine, model_dir  # noqa: F401  (fixtures)
 from server_harness import MAX_MODEL_LEN, MODEL_NAME, wait_idle
 from tiny_models import tiny_model_factory  # noqa: F401  (fixture)
@@ -102,6 +104,65 @@ def test_several_prompts_with_n(client):
     assert [c.index for c in both.choices] == [0, 1, 2, 3]
     assert [c.text for c in both.choices] == [single[0], single[0], single[1], single[1]]
     assert both.usage.completion_tokens == 4 * 12
+
+
+def test_streamed_choices_of_several_prompts_with_n_equal_the_whole_response(client):
+    request = {"model": MODEL_NAME, "prompt": [PROMPT, OTHER_PROMPT], "n": 2,
+               "temperature": 1.0, "seed": 9, "max_tokens": 8, "echo": True, "logprobs": 1,
+               "extra_body": {"ignore_eos": True}}
+    full = client.completions.create(**request)
+    texts, tokens, finish_reasons = {}, {}, {}
+    for chunk in client.completions.create(stream=True, **request):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            tokens[choice.index] = tokens.get(choice.index, []) + choice.logprobs.tokens
+            if choice.finish_reason is not None:
+                finish_reasons.setdefault(choice.index, []).append(choice.finish_reason)
+    assert texts == {c.index: c.text for c in full.choices}
+    assert tokens == {c.index: c.logprobs.tokens for c in full.choices}
+    assert finish_reasons == {i: ["length"] for i in range(4)}  # once per choice
+
+
+def test_seeded_choice_i_is_the_single_request_seeded_seed_plus_i(client):
+    sampled = {"prompt": PROMPT, "temperature": 1.0, "max_tokens": 8,
+               "extra_body": {"ignore_eos": True}}
+    both = client.completions.create(model=MODEL_NAME, n=2, seed=5, **sampled)
+    alone = [client.completions.create(model=MODEL_NAME, seed=seed, **sampled).choices[0]
+             for seed in (5, 6)]
+    assert [c.text for c in both.choices] == [c.text for c in alone]
+    assert [c.finish_reason for c in both.choices] == ["length", "length"]
+
+
+def test_n_choices_share_the_prompt_kv_blocks(client, engine):
+    """n=4 on one prompt holds its blocks once; 4 prompts of that length hold 4 copies."""
+    num_prompt_tokens, n, block_size = 100, 4, engine.config.block_size
+    generator = torch.Generator().manual_seed(17)
+    prompts = torch.randint(4, len(engine.tokenizer), (n + 1, num_prompt_tokens),
+                            generator=generator).tolist()  # fresh: no prefix-cache hits
+
+    def peak_blocks(**request) -> int:
+        steps = []
+        wait_idle(engine)
+        engine.add_step_listener(steps.append)
+        try:
+            response = client.completions.create(model=MODEL_NAME, temperature=1.0,
+                                                 max_tokens=8, seed=0,
+                                                 extra_body={"ignore_eos": True}, **request)
+        finally:
+            engine.remove_step_listener(steps.append)
+        assert [c.index for c in response.choices] == list(range(n))
+        assert [c.finish_reason for c in response.choices] == ["length"] * n
+        assert response.usage.completion_tokens == n * 8
+        kv = engine.engine.kv_cache_manager
+        return kv.num_blocks - min(stats.num_free_blocks for stats in steps)
+
+    prompt_blocks = math.ceil(num_prompt_tokens / block_size)
+    forked = peak_blocks(prompt=prompts[0], n=n)
+    independent = peak_blocks(prompt=prompts[1:])
+    # the prompt's full blocks once, plus each sample's copy of the partial last block
+    assert forked <= num_prompt_tokens // block_size + n + 1 < independent
+    assert independent >= n * prompt_blocks
+    wait_idle(engine)
 
 
 @pytest.mark.parametrize("stream", [False, True])

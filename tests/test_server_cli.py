@@ -87,3 +87,12 @@ def test_serve_rejects_a_missing_model_directory(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "model" in result.stderr and "missing" in result.stderr
+
+
+def test_serve_rejects_a_bad_max_num_waiting_before_loading_the_model(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "serve",
+                             str(tmp_path / "missing"), "--device", "cpu",
+                             "--max-num-waiting", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "max_num_waiting" in result.stderr and "missing" not in result.stderr

@@ -198,3 +198,22 @@ def test_metrics_parse_and_count_what_was_served(base_url, engine):
     assert moved("vllm:prefix_cache_hits_total") >= 16  # the second prompt's full blocks
     assert metric(after, "vllm:num_requests_running") == 0
     assert metric(after, "vllm:kv_cache_usage_perc") == 0.0
+
+
+def test_metrics_count_every_sample_of_a_request(base_url, engine):
+    """n samples of one prompt: one request, one prefill, n x max_tokens generated tokens."""
+    wait_idle(engine)
+    before = scrape(base_url)
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    usage = client.completions.create(model=MODEL_NAME, prompt="Hello there", max_tokens=5, n=3,
+                                      extra_body={"ignore_eos": True}).usage
+    after = scrape(base_url)
+
+    def moved(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert usage.completion_tokens == 15
+    assert moved("vllm:generation_tokens_total") == 15
+    assert moved("vllm:prompt_tokens_total") == usage.prompt_tokens
+    assert moved("vllm:request_success_total", finished_reason="length") == 1
+    assert moved("vllm:time_to_first_token_seconds_count") == 1

@@ -12,7 +12,8 @@ nearly uniform, which would hide rotary or masking bugs) and norms and biases ar
 non-trivial (so a weight that fails to load changes the output).
 
 Plain functions: `build_tokenizer()`, `build_tiny_model(out_dir, name)`,
-`hf_reference_model(model_dir)`. Pytest fixtures (import them into a test module,
+`hf_reference_model(model_dir)`, `hf_greedy_tokens(model_dir, prompts, max_tokens)`.
+Pytest fixtures (import them into a test module,
 `from tiny_models import tiny_model_factory`, tests/ being on sys.path, or list
 this module in a conftest's `pytest_plugins`): `tiny_model_factory`
 (session-scoped: name -> directory, each built once) and `tiny_model`
@@ -22,12 +23,13 @@ this module in a conftest's `pytest_plugins`): `tiny_model_factory`
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTBigCodeConfig, LlamaConfig,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTBigCodeConfig, LlamaConfig,
                           MistralConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen3Config)
 from transformers.pytorch_utils import Conv1D
@@ -182,6 +184,26 @@ def hf_reference_model(model_dir: str | Path) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="eager")
     return model.eval()
+
+
+def hf_greedy_tokens(model_dir: str | Path, prompts: Sequence[str | dict],
+                     max_tokens: Sequence[int], ignore_eos: bool = False) -> list[list[int]]:
+    """HF `generate(do_sample=False)`'s output ids for each prompt (text, or a dict with
+    "prompt_token_ids"), generated alone and unpadded by `hf_reference_model`; with
+    `ignore_eos`, exactly max_tokens ids each."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = hf_reference_model(model_dir)
+    outputs = []
+    for prompt, num_tokens in zip(prompts, max_tokens, strict=True):
+        ids = torch.tensor([tokenizer.encode(prompt) if isinstance(prompt, str)
+                            else prompt["prompt_token_ids"]])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=num_tokens,
+                                 min_new_tokens=num_tokens if ignore_eos else None,
+                                 pad_token_id=tokenizer.pad_token_id)
+        outputs.append(out[0, ids.shape[1]:].tolist())
+    return outputs
 
 
 @pytest.fixture(scope="session")

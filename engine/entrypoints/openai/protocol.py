@@ -71,8 +71,23 @@ class SamplingRequest(RequestModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def to_sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
-                           prompt_logprobs: Optional[int] = None) -> SamplingParams:
+    # The endpoints name and type the output length and logprobs fields differently
+    # (max_tokens / max_completion_tokens, logprobs int / bool + top_logprobs): each
+    # subclass maps its own onto SamplingParams' through these three.
+    @property
+    def max_output_tokens(self) -> Optional[int]:
+        raise NotImplementedError
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        """Top candidates per sampled token (SamplingParams.logprobs); None: no logprobs."""
+        raise NotImplementedError
+
+    @property
+    def num_prompt_logprobs(self) -> Optional[int]:
+        return None
+
+    def to_sampling_params(self) -> SamplingParams:
         """ValueError naming the field for any out-of-range value."""
         def value(field: str, default):
             given = getattr(self, field)
@@ -86,8 +101,8 @@ class SamplingRequest(RequestModel):
             repetition_penalty=value("repetition_penalty", 1.0),
             logit_bias=_token_id_keys(self.logit_bias), stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs)
+            max_tokens=self.max_output_tokens, min_tokens=self.min_tokens,
+            logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs)
 
 
 def _has_surrogate(value) -> bool:
@@ -132,6 +147,19 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("prompt must not be empty, nor contain an empty prompt")
         return value
 
+    @property
+    def max_output_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> Optional[int]:
+        """Echoed prompts carry logprobs too."""
+        return self.logprobs if self.echo else None
+
 
 class TextPart(RequestModel):
     type: Literal["text"]
@@ -171,6 +199,10 @@ class ChatCompletionRequest(SamplingRequest):
         """max_completion_tokens, OpenAI's newer name, wins over max_tokens."""
         return self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ---- responses ---------------------------------------------------------------

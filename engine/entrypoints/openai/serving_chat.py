@@ -14,14 +14,13 @@ from typing import Optional
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from engine.async_engine import RequestStream, fan_out
+from engine.async_engine import RequestStream
 from engine.entrypoints.openai.errors import bad_request, error_event
 from engine.entrypoints.openai.protocol import AssistantMessage, ChatChoice, \
     ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, \
     ChatStreamChoice, DeltaMessage, TokenLogprob, TopLogprob
-from engine.entrypoints.openai.serving_engine import SSE_DONE, EventStreamResponse, \
-    OpenAIServing, collect_final, sse_event, usage
-from engine.entrypoints.stream_delta import DeltaTracker
+from engine.entrypoints.openai.serving_engine import SSE_DONE, ChoiceDelta, ChoiceTrackers, \
+    EventStreamResponse, OpenAIServing, collect_final, sse_event, usage
 from engine.outputs import RequestOutput, SampleLogprobs
 from engine.sampling_params import SamplingParams
 
@@ -35,23 +34,21 @@ class OpenAIServingChat(OpenAIServing):
         model_name = self.check_model(request.model)
         prompt_token_ids = self._render(request)
         self.check_prompt_length(len(prompt_token_ids), "messages")
-        num_top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = self.sampling_params(request, request.max_output_tokens, num_top_logprobs)
+        params = self.sampling_params(request)
         self.check_max_tokens(len(prompt_token_ids), params.max_tokens, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self.add_requests(
-            fan_out(request_id, {"prompt_token_ids": prompt_token_ids}, params), _FIELDS)
+            [(request_id, {"prompt_token_ids": prompt_token_ids}, params)], _FIELDS)
         head = {"id": request_id, "created": int(time.time()), "model": model_name}
         if request.stream:
             events = self._events(request, params, head, stream, len(prompt_token_ids))
             return EventStreamResponse(events, stream)
-        finals = await collect_final(raw_request, stream, params.n)
+        finals = await collect_final(raw_request, stream, 1)
         choices = [ChatChoice(
-            index=index, message=AssistantMessage(content=final.outputs[0].text),
-            logprobs=self._logprobs(final.outputs[0].token_ids, final.outputs[0].logprobs,
-                                    num_top_logprobs),
-            finish_reason=final.outputs[0].finish_reason,
-            stop_reason=final.outputs[0].stop_reason) for index, final in enumerate(finals)]
+            index=completion.index, message=AssistantMessage(content=completion.text),
+            logprobs=self._logprobs(completion.token_ids, completion.logprobs, params.logprobs),
+            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+            for completion in finals[0].outputs]
         response = ChatCompletionResponse(**head, choices=choices,
                                           usage=usage([len(prompt_token_ids)], finals))
         return JSONResponse(response.model_dump())
@@ -82,6 +79,21 @@ class OpenAIServingChat(OpenAIServing):
                 top_logprobs=[self._top_logprob(tid, lp) for _, tid, lp in ranked]))
         return ChatChoiceLogprobs(content=content)
 
+    def _stream_chunk(self, update: ChoiceDelta,
+                      num_top_logprobs: Optional[int]) -> Optional[ChatStreamChoice]:
+        """The choice's increment; None when it has gained nothing to send."""
+        delta = update.delta
+        logprobs = self._logprobs(delta.token_ids, delta.logprobs, num_top_logprobs)
+        if not (delta.text or update.finished or (logprobs and logprobs.content)):
+            return None
+        choice = ChatStreamChoice(index=update.index,
+                                  delta=DeltaMessage(content=delta.text or None),
+                                  logprobs=logprobs)
+        if update.finished:
+            choice.finish_reason = update.completion.finish_reason
+            choice.stop_reason = update.completion.stop_reason
+        return choice
+
     def _top_logprob(self, token_id: int, logprob: float) -> TopLogprob:
         token = self.token_text(token_id)
         return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
@@ -89,31 +101,20 @@ class OpenAIServingChat(OpenAIServing):
     async def _events(self, request: ChatCompletionRequest, params: SamplingParams,
                       head: dict, stream: RequestStream,
                       num_prompt_tokens: int) -> AsyncIterator[str]:
-        trackers = [DeltaTracker(params.stop, params.include_stop_str_in_output)
-                    for _ in range(params.n)]
-        finals: list[Optional[RequestOutput]] = [None] * params.n
-        num_top_logprobs = params.logprobs
+        trackers = ChoiceTrackers(params, 1)
+        finals: list[Optional[RequestOutput]] = [None]
         try:
             async with stream:
                 yield sse_event(ChatCompletionChunk(**head, choices=[
                     ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant",
                                                                      content=""))
                     for index in range(params.n)]))
-                async for index, output in stream:
-                    finals[index] = output
-                    completion = output.outputs[0]
-                    delta = trackers[index].update(completion, output.finished)
-                    logprobs = self._logprobs(delta.token_ids, delta.logprobs,
-                                              num_top_logprobs)
-                    if not (delta.text or output.finished or (logprobs and logprobs.content)):
-                        continue
-                    choice = ChatStreamChoice(
-                        index=index, delta=DeltaMessage(content=delta.text or None),
-                        logprobs=logprobs)
-                    if output.finished:
-                        choice.finish_reason = completion.finish_reason
-                        choice.stop_reason = completion.stop_reason
-                    yield sse_event(ChatCompletionChunk(**head, choices=[choice]))
+                async for _, output in stream:
+                    finals[0] = output
+                    for update in trackers.updates(0, output):
+                        chunk = self._stream_chunk(update, params.logprobs)
+                        if chunk is not None:
+                            yield sse_event(ChatCompletionChunk(**head, choices=[chunk]))
             if request.include_usage:
                 yield sse_event(ChatCompletionChunk(**head, choices=[],
                                                     usage=usage([num_prompt_tokens], finals)))

@@ -1,7 +1,7 @@
 """POST /v1/completions: text or token-id prompts, one or many, n samples each.
 
-Choice `i` is sample `i % n` of prompt `i // n`. All samples of all prompts go
-to the engine together, so the scheduler batches them.
+Choice `i` is sample `i % n` of prompt `i // n`. All prompts go to the engine
+together, so the scheduler batches them.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from typing import Optional
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from engine.async_engine import RequestStream, fan_out
+from engine.async_engine import RequestStream
 from engine.entrypoints.openai.errors import bad_request, error_event
 from engine.entrypoints.openai.protocol import CompletionChoice, CompletionLogprobs, \
     CompletionRequest, CompletionResponse
-from engine.entrypoints.openai.serving_engine import SSE_DONE, EventStreamResponse, \
-    OpenAIServing, collect_final, sse_event, usage
-from engine.entrypoints.stream_delta import DeltaTracker
+from engine.entrypoints.openai.serving_engine import SSE_DONE, ChoiceDelta, ChoiceTrackers, \
+    EventStreamResponse, OpenAIServing, collect_final, sse_event, usage
 from engine.outputs import RequestOutput, SampleLogprobs
 from engine.sampling_params import SamplingParams
 
@@ -54,7 +53,6 @@ class _Batch:
 
 @dataclass
 class _ChoiceStream:
-    tracker: DeltaTracker
     started: bool = False
     text_offset: int = 0  # of the next token, for logprobs
 
@@ -65,19 +63,17 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_capacity()
         model_name = self.check_model(request.model)
         prompts = self._prompts(request)
-        echo_logprobs = request.logprobs if request.echo else None
-        params = self.sampling_params(request, request.max_tokens, request.logprobs,
-                                      prompt_logprobs=echo_logprobs)
+        params = self.sampling_params(request)
         self.check_max_tokens(max(len(prompt.token_ids) for prompt in prompts),
                               params.max_tokens, "prompt")
         batch = _Batch(request, model_name, prompts, params)
-        requests = [engine_request for p, prompt in enumerate(prompts)
-                    for engine_request in fan_out(f"{batch.id}-{p}", {
-                        "prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, params)]
+        requests = [(f"{batch.id}-{p}", {"prompt": prompt.text,
+                                         "prompt_token_ids": prompt.token_ids}, params)
+                    for p, prompt in enumerate(prompts)]
         stream = await self.add_requests(requests, _FIELDS)
         if request.stream:
             return EventStreamResponse(self._events(batch, stream), stream)
-        finals = await collect_final(raw_request, stream, batch.num_choices)
+        finals = await collect_final(raw_request, stream, len(prompts))
         return JSONResponse(self._response(batch, finals).model_dump())
 
     def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
@@ -100,8 +96,8 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def _response(self, batch: _Batch, finals: list[RequestOutput]) -> CompletionResponse:
         choices = []
-        for index, final in enumerate(finals):
-            completion = final.outputs[0]
+        completions = [(final, completion) for final in finals for completion in final.outputs]
+        for index, (final, completion) in enumerate(completions):
             choice = CompletionChoice(index=index, text=completion.text,
                                       finish_reason=completion.finish_reason,
                                       stop_reason=completion.stop_reason)
@@ -148,19 +144,20 @@ class OpenAIServingCompletion(OpenAIServing):
         return text_offset
 
     async def _events(self, batch: _Batch, stream: RequestStream) -> AsyncIterator[str]:
-        choice_streams = [_ChoiceStream(DeltaTracker(
-            batch.params.stop, batch.params.include_stop_str_in_output))
-            for _ in range(batch.num_choices)]
-        finals: list[Optional[RequestOutput]] = [None] * batch.num_choices
+        trackers = ChoiceTrackers(batch.params, len(batch.prompts))
+        choice_streams = [_ChoiceStream() for _ in range(batch.num_choices)]
+        finals: list[Optional[RequestOutput]] = [None] * len(batch.prompts)
         try:
             async with stream:
-                async for index, output in stream:
-                    finals[index] = output
-                    choice = self._stream_choice(batch, index, output, choice_streams[index])
-                    if choice is not None:
-                        yield sse_event(CompletionResponse(
-                            id=batch.id, created=batch.created, model=batch.model_name,
-                            choices=[choice]))
+                async for p, output in stream:
+                    finals[p] = output
+                    for update in trackers.updates(p, output):
+                        choice = self._stream_choice(batch, update, output,
+                                                     choice_streams[update.index])
+                        if choice is not None:
+                            yield sse_event(CompletionResponse(
+                                id=batch.id, created=batch.created, model=batch.model_name,
+                                choices=[choice]))
             if batch.request.include_usage:
                 prompt_lengths = [len(prompt.token_ids) for prompt in batch.prompts]
                 yield sse_event(CompletionResponse(
@@ -170,22 +167,21 @@ class OpenAIServingCompletion(OpenAIServing):
             yield error_event(err)
         yield SSE_DONE
 
-    def _stream_choice(self, batch: _Batch, index: int, output: RequestOutput,
+    def _stream_choice(self, batch: _Batch, update: ChoiceDelta, output: RequestOutput,
                        state: "_ChoiceStream") -> Optional[CompletionChoice]:
-        completion = output.outputs[0]
-        delta = state.tracker.update(completion, output.finished)
-        choice = CompletionChoice(index=index, text=delta.text)
+        delta = update.delta
+        choice = CompletionChoice(index=update.index, text=delta.text)
         if batch.request.logprobs is not None:
             choice.logprobs = CompletionLogprobs()
         if not state.started:
             state.started = True
-            self._add_prompt_echo(batch, index, choice, output)
+            self._add_prompt_echo(batch, update.index, choice, output)
         if choice.logprobs is not None:
             state.text_offset = self._append_logprobs(
                 choice.logprobs, delta.token_ids, delta.logprobs, state.text_offset)
-        if output.finished:
-            choice.finish_reason = completion.finish_reason
-            choice.stop_reason = completion.stop_reason
+        if update.finished:
+            choice.finish_reason = update.completion.finish_reason
+            choice.stop_reason = update.completion.stop_reason
         elif not choice.text and not (choice.logprobs and choice.logprobs.tokens):
             return None
         return choice

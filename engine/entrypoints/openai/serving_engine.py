@@ -1,5 +1,9 @@
 """What the completion and chat endpoints share: model check, prompt checks, request
-submission, collecting results unless the client leaves, and server-sent events.
+submission, collecting results unless the client leaves, streamed choices and
+server-sent events.
+
+One engine request per prompt: its n samples (the response's choices) are
+forked by the engine, so its outputs hold n completions.
 
 The server tokenizes on the event loop with its own copy of the tokenizer: a
 Rust tokenizer used from two threads at once (the engine thread detokenizes)
@@ -11,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import Request
@@ -20,11 +25,12 @@ from starlette.responses import StreamingResponse
 
 from engine.admission import EngineOverloadedError
 from engine.async_engine import AsyncLLMEngine, EngineRequest, EngineShutdownError, \
-    RequestStream
+    RequestStream, num_sequences
 from engine.entrypoints.openai.errors import OpenAIError, as_openai_error, bad_request, \
     invalid_value
 from engine.entrypoints.openai.protocol import SamplingRequest, UsageInfo
-from engine.outputs import RequestOutput
+from engine.entrypoints.stream_delta import Delta, DeltaTracker
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -70,14 +76,12 @@ class OpenAIServing:
                               f"were requested ({num_tokens} in the {param}, {max_tokens} "
                               f"in max_tokens).", "max_tokens")
 
-    def sampling_params(self, request: SamplingRequest, max_tokens: Optional[int],
-                        logprobs: Optional[int],
-                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
+    def sampling_params(self, request: SamplingRequest) -> SamplingParams:
         try:
-            params = request.to_sampling_params(max_tokens, logprobs, prompt_logprobs)
+            params = request.to_sampling_params()
         except ValueError as err:
             raise invalid_value(err, set(type(request).model_fields)) from None
-        if params.n > self.max_num_seqs:  # n is also the number of engine requests made
+        if params.n > self.max_num_seqs:  # the n samples run as n sequences at once
             raise bad_request(f"n must be at most max_num_seqs={self.max_num_seqs}, got "
                               f"{params.n}", "n")
         # Out-of-vocabulary ids would fail the sampler mid-step, for the whole batch.
@@ -93,9 +97,9 @@ class OpenAIServing:
 
     async def add_requests(self, requests: Sequence[EngineRequest],
                            fields: set[str]) -> RequestStream:
-        limit = self.engine.max_num_waiting
-        if limit is not None and len(requests) > limit:
-            raise bad_request(f"n: this request makes {len(requests)} sequences (prompts x n), "
+        limit, count = self.engine.max_num_waiting, num_sequences(requests)
+        if limit is not None and count > limit:
+            raise bad_request(f"n: this request makes {count} sequences (prompts x n), "
                               f"more than the server queues at once (max_num_waiting="
                               f"{limit})", "n")
         try:
@@ -109,12 +113,47 @@ class OpenAIServing:
         return self.tokenizer.decode([token_id])
 
 
-def usage(prompt_lengths: Sequence[int], finals: Sequence[RequestOutput]) -> UsageInfo:
+def usage(prompt_lengths: Sequence[int],
+          finals: Sequence[Optional[RequestOutput]]) -> UsageInfo:
     """Prompts count once each, whatever n; completion tokens sum over all choices."""
     prompt_tokens = sum(prompt_lengths)
-    completion_tokens = sum(len(o.outputs[0].token_ids) for o in finals if o is not None)
+    completion_tokens = sum(len(completion.token_ids) for output in finals
+                            if output is not None for completion in output.outputs)
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
+
+
+@dataclass
+class ChoiceDelta:
+    index: int  # the choice's, in the response
+    completion: CompletionOutput
+    delta: Delta
+    finished: bool
+
+
+class ChoiceTrackers:
+    """What each choice of a streamed response gained since the previous output.
+
+    Choice `p * n + i` is sample i of prompt p (the stream's request p). Outputs
+    carry every sample, changed or not: a sample reports its finish once.
+    """
+
+    def __init__(self, params: SamplingParams, num_prompts: int):
+        self.n = params.n
+        self._trackers = [DeltaTracker(params.stop, params.include_stop_str_in_output)
+                          for _ in range(num_prompts * params.n)]
+        self._finished: set[int] = set()
+
+    def updates(self, prompt_index: int, output: RequestOutput) -> Iterator[ChoiceDelta]:
+        for completion in output.outputs:
+            index = prompt_index * self.n + completion.index
+            if index in self._finished:
+                continue
+            finished = completion.finished()
+            if finished:
+                self._finished.add(index)
+            yield ChoiceDelta(index, completion,
+                              self._trackers[index].update(completion, finished), finished)
 
 
 async def collect_final(raw_request: Request, stream: RequestStream,
