@@ -168,9 +168,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     scheduler = Scheduler(SchedulerConfig(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
-        max_model_len=config.max_model_len,
-        # Workers replay the plan they are sent, one step of it.
-        num_decode_steps=runner.max_decode_steps if workers is None else 1),
+        max_model_len=config.max_model_len, num_decode_steps=runner.max_decode_steps),
         kv_cache_manager)
     eos_token_id = tokenizer.eos_token_id
     if eos_token_id is None:

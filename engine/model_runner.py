@@ -204,6 +204,8 @@ class ModelRunner:
         if scheduler_output.total_num_scheduled_tokens:
             plan.arrays, sampling_requests = gather_step_arrays(scheduler_output, get_block_ids)
             if plan.arrays.decode_steps is not None:
+                if self.tp_group.world_size > 1:
+                    send_step(plan)
                 for request, token_ids in zip(sampling_requests, self.execute_decode_steps(plan)):
                     output.sampled_token_ids[request.request_id] = token_ids
                 return output
@@ -240,7 +242,8 @@ class ModelRunner:
     def execute_decode_steps(self, plan: StepPlan) -> list[list[int]]:
         """Run a multi-step decode (engine.scheduler): every step takes each request's
         argmax of the step before as its input token. Returns each request's sampled
-        tokens, `plan.arrays.decode_steps[i]` of them."""
+        tokens, `plan.arrays.decode_steps[i]` of them. Under tensor parallelism every rank
+        runs it: the logits are whole on every rank, so each picks the same tokens."""
         self.copy_blocks(plan.block_copies)
         steps = plan.arrays.decode_steps
         inputs, forward = self._stage_decode_steps(plan.arrays)

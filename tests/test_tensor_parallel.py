@@ -30,6 +30,7 @@ and a tensor-parallel engine always ends its processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -56,6 +57,7 @@ from engine.distributed.step_channel import (HEADER_LEN, STOP_HANDSHAKE_TIMEOUT,
                                              encode_plan, payload_size)
 from engine.gpu_model_runner import GpuModelRunner
 from engine.model_loader import load_model
+from engine.model_runner import ModelRunner
 from engine.models import check_tensor_parallel
 from engine.step_inputs import StepArrays, StepPlan
 from cpu_threads import single_torch_thread  # noqa: F401
@@ -161,7 +163,12 @@ def _plans() -> dict[str, StepPlan]:
         "copies, prompt logprobs and sampling": StepPlan(
             [(2, 9)], prefill, [np.array([0, 1, 2, 14], np.int64), prefill.sampling_rows()]),
         "forward without logits": StepPlan([], _step_arrays(rng, [6, 2], 1)),
+        "multi-step decode": StepPlan([], _multi_step(decode), [decode.sampling_rows()]),
     }
+
+
+def _multi_step(arrays: StepArrays) -> StepArrays:
+    return dataclasses.replace(arrays, decode_steps=np.arange(len(arrays.num_new)) % 4 + 1)
 
 
 @pytest.mark.parametrize("name", list(_plans()))
@@ -182,15 +189,15 @@ def test_plan_survives_its_tensors(name):
         want, have = getattr(plan.arrays, field), getattr(got.arrays, field)
         assert have.dtype == want.dtype, field
         np.testing.assert_array_equal(have, want, err_msg=field)
+    if plan.arrays.decode_steps is None:
+        assert got.arrays.decode_steps is None
+    else:
+        np.testing.assert_array_equal(got.arrays.decode_steps, plan.arrays.decode_steps)
 
 
 def test_plans_workers_cannot_run_are_refused():
     with pytest.raises(ValueError, match="logits_rows: at most 2 lists"):
         encode_plan(StepPlan([], None, [np.arange(2)] * 3))
-    arrays = _step_arrays(np.random.default_rng(0), [1, 1], 2)
-    arrays.decode_steps = np.array([3, 2])
-    with pytest.raises(ValueError, match="decode_steps: workers run one step per plan"):
-        encode_plan(StepPlan([], arrays, [arrays.sampling_rows()]))
 
 
 #: KV pool -> LLM keyword arguments (8 blocks of 16 tokens cannot hold the batch at once)
@@ -226,6 +233,25 @@ def test_greedy_tokens_equal_unsharded(tiny_model_factory, name, pool):
     assert [len(t) for t in runs[WORLD_SIZE][0]] == [p.max_tokens for p in params]
     if pool == "preempting":
         assert runs[WORLD_SIZE][1] > 0
+
+
+def test_multi_step_decode_equals_unsharded(tiny_model_factory, monkeypatch):
+    """Rank 0 schedules runs of 4 decode steps; the workers run each whole (the logits are
+    whole on every rank, so every rank feeds the same argmax to the next step)."""
+    model_dir = str(tiny_model_factory("llama"))
+    llm = LLM(model_dir, device="cpu", dtype="float32")
+    prompts, params = _prompts_and_params(llm.llm_engine.vocab_size)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    monkeypatch.setattr(ModelRunner, "max_decode_steps", 4)
+    llm = LLM(model_dir, device="cpu", dtype="float32", tensor_parallel_size=WORLD_SIZE)
+    scheduler = llm.llm_engine.scheduler
+    schedule, decode_steps = scheduler.schedule, []
+    monkeypatch.setattr(scheduler, "schedule",
+                        lambda: decode_steps.append((out := schedule()).decode_steps) or out)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm.shutdown()
+    assert got == want
+    assert max(decode_steps) == 4
 
 
 #: the fast-runner engines: few sequences, so decode steps pad to a captured size

@@ -9,7 +9,8 @@ every rank then runs the same pass. Nothing is pickled; a plan is
     payload [n]           over the device group (NCCL: GPU to GPU; gloo on CPUs):
         block copies src [C] | dst [C] | token_ids [T] | num_computed [S] |
         num_new [S] | samples [S] (0/1) | block_tables [S * W] (row-major) |
-        logits_rows[0] [R0] | logits_rows[1] [R1]
+        decode_steps [S] (a multi-step decode only) | logits_rows[0] [R0] |
+        logits_rows[1] [R1]
 
 (S = 0: the plan has no forward pass.) The header travels on the host
 because that is where a worker waits while the engine is idle: a blocking
@@ -34,7 +35,7 @@ from engine.step_inputs import StepArrays, StepPlan
 
 STOP, STEP = 0, 1
 HEADER_FIELDS = ("kind", "num_block_copies", "num_tokens", "num_seqs", "block_table_width",
-                 "num_logits_lists", "logits_rows_0", "logits_rows_1")
+                 "multi_step", "num_logits_lists", "logits_rows_0", "logits_rows_1")
 HEADER_LEN = len(HEADER_FIELDS)
 #: the runner computes prompt-logprob rows and sampling rows, at most
 MAX_LOGITS_LISTS = 2
@@ -47,22 +48,22 @@ def encode_plan(plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
     if len(plan.logits_rows) > MAX_LOGITS_LISTS:
         raise ValueError(f"logits_rows: at most {MAX_LOGITS_LISTS} lists per step, "
                          f"got {len(plan.logits_rows)}")
-    if plan.arrays is not None and plan.arrays.decode_steps is not None:
-        raise ValueError("decode_steps: workers run one step per plan; a multi-step decode "
-                         "is not sent to them")
     copies = np.asarray(plan.block_copies, np.int64).reshape(-1, 2)
     parts = [copies[:, 0], copies[:, 1]]
-    num_tokens = num_seqs = width = 0
+    num_tokens = num_seqs = width = multi_step = 0
     arrays = plan.arrays
     if arrays is not None:
         num_tokens = arrays.token_ids.shape[0]
         num_seqs, width = arrays.block_tables.shape
         parts += [arrays.token_ids, arrays.num_computed, arrays.num_new, arrays.samples,
                   arrays.block_tables.reshape(-1)]
+        if arrays.decode_steps is not None:
+            multi_step = 1
+            parts.append(arrays.decode_steps)
     parts += plan.logits_rows
     lengths = [len(rows) for rows in plan.logits_rows]
     lengths += [0] * (MAX_LOGITS_LISTS - len(lengths))
-    header = np.array([STEP, len(copies), num_tokens, num_seqs, width,
+    header = np.array([STEP, len(copies), num_tokens, num_seqs, width, multi_step,
                        len(plan.logits_rows), *lengths], np.int64)
     return header, np.concatenate(parts, dtype=np.int64)
 
@@ -75,7 +76,7 @@ def payload_size(header: np.ndarray) -> int:
     """Number of int64 in the payload that follows `header`."""
     f = _fields(header)
     return (2 * f["num_block_copies"] + f["num_tokens"]
-            + f["num_seqs"] * (3 + f["block_table_width"])
+            + f["num_seqs"] * (3 + f["block_table_width"] + f["multi_step"])
             + f["logits_rows_0"] + f["logits_rows_1"])
 
 
@@ -98,7 +99,9 @@ def decode_plan(header: np.ndarray, payload: np.ndarray) -> StepPlan:
         samples = take(num_seqs).astype(bool)
         block_tables = take(num_seqs * f["block_table_width"]).astype(np.int32).reshape(
             num_seqs, f["block_table_width"])
-        plan.arrays = StepArrays(token_ids, num_computed, num_new, block_tables, samples)
+        decode_steps = take(num_seqs) if f["multi_step"] else None
+        plan.arrays = StepArrays(token_ids, num_computed, num_new, block_tables, samples,
+                                 decode_steps)
     plan.logits_rows = [take(f[f"logits_rows_{i}"]) for i in range(f["num_logits_lists"])]
     return plan
 

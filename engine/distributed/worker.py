@@ -54,6 +54,9 @@ def _serve(config: EngineConfig, setup) -> None:
     runner = build_model_runner(config, setup)
     logger.info("tensor-parallel worker ready: %d KV blocks", runner.num_blocks)
     while (plan := receive_step()) is not None:
-        runner.execute_plan(plan)
+        if plan.arrays is not None and plan.arrays.decode_steps is not None:
+            runner.execute_decode_steps(plan)
+        else:
+            runner.execute_plan(plan)
     stop_handshake()
     destroy_tp_group()
