@@ -188,12 +188,7 @@ class FusedLlamaForward:
 
     def _attention(self, attention, x: torch.Tensor, positions: torch.Tensor,
                    kv_cache, attn: AttentionMetadata) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = attention.qkv_proj(x).split(attention.qkv_sizes, dim=-1)
-        q = q.view(num_tokens, attention.num_heads, attention.head_size)
-        k = k.view(num_tokens, attention.num_kv_heads, attention.head_size)
-        if attention.q_norm is not None:
-            q, k = attention.q_norm(q), attention.k_norm(k)
+        q, k, v = attention.qkv(x)
         rotary_(q, k, positions, self.cos, self.sin)
         return attention.o_proj(attention.attn(q, k, v, kv_cache, attn))
 

@@ -81,15 +81,22 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(backend, self.num_heads, self.num_kv_heads, self.head_size,
                                    scale=self.head_size ** -0.5)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor],
-                attn: AttentionMetadata) -> torch.Tensor:
+    def qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`q [T, H, D]` and `k [T, KVH, D]` (QK-normed where the model has it, before
+        rotary) and `v [T, KVH * D]` of `hidden [T, hidden_size]`: views of one packed
+        projection."""
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_size)
         k = k.view(num_tokens, self.num_kv_heads, self.head_size)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor],
+                attn: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv(hidden)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(self.attn(q, k, v, kv_cache, attn))
 
