@@ -31,6 +31,7 @@ import torch
 from transformers import AutoConfig
 
 from engine.models import CausalLM, get_model_class
+from engine.models.cpu_weights import can_pack, pack_linear_weights
 from platforms.interface import AttentionBackend
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,8 @@ def load_model(model_dir: str, dtype: Union[str, torch.dtype], device: Union[str
     model = model.to_empty(device=device)
     model.load_weights(iter_checkpoint(model_dir))
     model.requires_grad_(False)
+    if can_pack(device, torch_dtype):
+        pack_linear_weights(model)
     return model.eval(), hf_config
 
 

@@ -49,8 +49,14 @@ class RequestSampling:
 
     def __post_init__(self) -> None:
         #: one row whose token is the argmax of the raw logits, once min_tokens is reached
-        #: (the argmax-only fast path of GpuModelRunner)
+        #: (`ModelRunner._sample`'s argmax-only path)
         self.argmax_only = len(self.generators) == 1 and plain_greedy(self.params)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`[N]` int64: each row's first largest logit. `max(...).indices` rather than
+    `argmax`, which takes 3x longer on CPUs (torch 2.13, [32, 49152] float32)."""
+    return logits.max(dim=-1).indices
 
 
 def plain_greedy(params: SamplingParams) -> bool:
@@ -253,7 +259,7 @@ class ModelRunner:
             if step:
                 advance_decode_inputs(inputs, sampled[-1], active > step, self.config.block_size)
             hidden = forward(inputs)
-            sampled.append(self.model.compute_logits(hidden[inputs.logits_indices]).argmax(-1))
+            sampled.append(argmax(self.model.compute_logits(hidden[inputs.logits_indices])))
         rows = torch.stack(sampled, 1).tolist()
         return [row[:n] for row, n in zip(rows, steps.tolist())]
 
@@ -276,7 +282,7 @@ class ModelRunner:
         if all(sampling[r.request_id].argmax_only and len(r.output_token_ids) >= r.min_tokens
                for r in requests):
             sampled = output.sampled_token_ids
-            for request, token_id in zip(requests, logits.argmax(dim=-1).tolist()):
+            for request, token_id in zip(requests, argmax(logits).tolist()):
                 sampled[request.request_id] = [token_id]
             return
         specs = [sampling[r.request_id] for r in requests]

@@ -14,10 +14,12 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+import engine.model_loader as model_loader
 import platforms
 from engine.attention_metadata import AttentionMetadata
 from engine.model_loader import load_model
 from engine.models import get_model_class
+from engine.models.cpu_weights import can_pack
 from tiny_models import hf_reference_model, tiny_model, tiny_model_factory  # noqa: F401
 
 # SCHEDULE[step][seq] = new tokens of that sequence in that step (0 = not scheduled)
@@ -125,6 +127,24 @@ def test_bfloat16_tracks_float32(tiny_model_factory, name):
     # bfloat16 keeps 8 mantissa bits: a few percent of the logit spread.
     assert (ours - want).abs().max() < 0.05 * want.abs().max()
     assert (ours.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
+                    reason="this CPU's oneDNN has no native bfloat16: weights are not packed")
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2"])
+def test_packed_cpu_weights_give_the_plain_weights_logits(tiny_model_factory, name, monkeypatch):
+    """bfloat16 on CPU packs the linear weights for oneDNN once at load
+    (engine.models.cpu_weights): the same logits, bit for bit."""
+    model_dir = tiny_model_factory(name)
+    packed, hf_config = load_native(model_dir, torch.bfloat16)
+    assert all(m.weight is None and m.packed_weight is not None
+               for m in packed.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(model_loader, "can_pack", lambda device, dtype: False)
+    plain, _ = load_native(model_dir, torch.bfloat16)
+    token_ids = random_sequences(hf_config.vocab_size, seed=2)
+    for got, want in zip(run_schedule(packed, token_ids, seed=2),
+                         run_schedule(plain, token_ids, seed=2)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_wrong_number_of_kv_caches_is_rejected(tiny_model_factory):

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from engine.distributed.communication import all_gather, all_reduce
 from engine.distributed.parallel_state import get_tp_group
+from engine.models.cpu_weights import linear
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,9 @@ class PackedLinear(ShardedLayer, nn.Linear):
     (and bias) stack those rows in order.
     """
 
+    #: the weight reordered for oneDNN (engine.models.cpu_weights), or None
+    packed_weight: Optional[torch.Tensor] = None
+
     def __init__(self, in_features: int, parts: dict[Optional[str], RowShard], bias: bool):
         super().__init__(in_features, sum(shard.size for shard in parts.values()), bias=bias)
         self.part_shards = dict(parts)
@@ -138,6 +142,9 @@ class PackedLinear(ShardedLayer, nn.Linear):
         for name, shard in parts.items():
             self.part_offsets[name] = (offset, shard.size)
             offset += shard.size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.packed_weight)
 
     def checkpoint_parts(self) -> tuple[Optional[str], ...]:
         return tuple(self.part_shards)
@@ -166,6 +173,8 @@ class RowParallelLinear(ShardedLayer, nn.Linear):
     and added once, after the sum.
     """
 
+    packed_weight: Optional[torch.Tensor] = None
+
     def __init__(self, columns: RowShard, out_features: int, bias: bool):
         super().__init__(columns.size, out_features, bias=bias)
         self.columns = columns
@@ -173,8 +182,8 @@ class RowParallelLinear(ShardedLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce:
-            return super().forward(x)
-        out = all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias, self.packed_weight)
+        out = all_reduce(linear(x, self.weight, None, self.packed_weight))
         return out if self.bias is None else out + self.bias
 
     def load_checkpoint(self, param: nn.Parameter, part: Optional[str],
@@ -201,6 +210,8 @@ class VocabParallelEmbedding(ShardedLayer, nn.Module):
         self.vocab_start = group.rank * vocab_per_rank
         self.num_real_rows = max(0, min(vocab_per_rank, vocab_size - self.vocab_start))
         self.weight = nn.Parameter(torch.empty(vocab_per_rank, hidden_size))
+        #: a copy of the weight reordered for oneDNN, for `logits` (engine.models.cpu_weights)
+        self.packed_weight: Optional[torch.Tensor] = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`input_ids [T]` -> `embeddings [T, hidden_size]`."""
@@ -213,7 +224,7 @@ class VocabParallelEmbedding(ShardedLayer, nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden [N, hidden_size]` -> `logits [N, vocab_size]` float32, whole on every rank."""
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, None, self.packed_weight)
         if self.sharded:
             logits = all_gather(logits, dim=-1)[:, :self.vocab_size]
         return logits.float()
