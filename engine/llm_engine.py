@@ -50,13 +50,17 @@ class _SampleState:
     sampling: Optional[RequestSampling] = None
 
 
-def _decodes_ahead(params: SamplingParams) -> bool:
+def _decodes_ahead(params: SamplingParams, sampled: bool) -> bool:
     """Whether several decode steps may run between two of this request's host updates:
-    its tokens are argmax picks (the runner chains them on the device) and nobody reads
-    its output before it finishes, and no stop string or min_tokens needs a per-token look."""
-    return (params.output_kind == RequestOutputKind.FINAL_ONLY and plain_greedy(params)
-            and params.n == 1 and not params.stop and not params.min_tokens
-            and params.prompt_logprobs is None)
+    nobody reads its output before it finishes, its draws need nothing the host learns
+    per token (no penalties, logprobs, min_tokens or stop strings), and it is greedy
+    unless `sampled` (the runner then draws each step on the device with the sampler)."""
+    return (params.output_kind == RequestOutputKind.FINAL_ONLY and params.n == 1
+            and (plain_greedy(params) or (sampled and params.logprobs is None
+                                          and params.repetition_penalty == 1.0
+                                          and params.presence_penalty == 0.0
+                                          and params.frequency_penalty == 0.0))
+            and not params.stop and not params.min_tokens and params.prompt_logprobs is None)
 
 
 class LLMEngine:
@@ -108,7 +112,8 @@ class LLMEngine:
         extra_keys = () if params.prompt_logprobs is None else (("prompt_logprobs", request_id),)
         request = Request(request_id, prompt_token_ids, params,
                           eos_token_id=self.eos_token_id, extra_keys=extra_keys)
-        request.decode_ahead = _decodes_ahead(params)
+        # Tensor-parallel workers chain argmax picks only (they cannot replay rank 0's draws).
+        request.decode_ahead = _decodes_ahead(params, self.config.tensor_parallel_size == 1)
         self.scheduler.add_request(request)
         self._groups[request_id] = group
         self._add_sample(request, group, 0)

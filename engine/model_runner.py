@@ -212,7 +212,9 @@ class ModelRunner:
             if plan.arrays.decode_steps is not None:
                 if self.tp_group.world_size > 1:
                     send_step(plan)
-                for request, token_ids in zip(sampling_requests, self.execute_decode_steps(plan)):
+                sample = self._decode_steps_sampler(sampling_requests, sampling)
+                for request, token_ids in zip(sampling_requests,
+                                              self.execute_decode_steps(plan, sample)):
                     output.sampled_token_ids[request.request_id] = token_ids
                 return output
             if any(spec.prompt_logprobs for spec in sampling.values()):
@@ -245,11 +247,13 @@ class ModelRunner:
                 for rows in plan.logits_rows]
 
     @torch.inference_mode()
-    def execute_decode_steps(self, plan: StepPlan) -> list[list[int]]:
-        """Run a multi-step decode (engine.scheduler): every step takes each request's
-        argmax of the step before as its input token. Returns each request's sampled
-        tokens, `plan.arrays.decode_steps[i]` of them. Under tensor parallelism every rank
-        runs it: the logits are whole on every rank, so each picks the same tokens."""
+    def execute_decode_steps(self, plan: StepPlan, sample: Callable[[torch.Tensor], torch.Tensor]
+                             = argmax) -> list[list[int]]:
+        """Run a multi-step decode (engine.scheduler): every step takes each request's token
+        that `sample(logits [S, V]) -> [S]` drew in the step before as its input token, on the
+        device. Returns each request's sampled tokens, `plan.arrays.decode_steps[i]` of
+        them. Under tensor parallelism every rank runs it with argmax (the logits are whole
+        on every rank, so each picks the same tokens; the engine samples ahead only then)."""
         self.copy_blocks(plan.block_copies)
         steps = plan.arrays.decode_steps
         inputs, forward = self._stage_decode_steps(plan.arrays)
@@ -259,9 +263,31 @@ class ModelRunner:
             if step:
                 advance_decode_inputs(inputs, sampled[-1], active > step, self.config.block_size)
             hidden = forward(inputs)
-            sampled.append(argmax(self.model.compute_logits(hidden[inputs.logits_indices])))
+            sampled.append(sample(self.model.compute_logits(hidden[inputs.logits_indices])))
         rows = torch.stack(sampled, 1).tolist()
         return [row[:n] for row, n in zip(rows, steps.tolist())]
+
+    def _decode_steps_sampler(self, requests: list, sampling: dict[str, RequestSampling]
+                              ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The draw of each step of a multi-step decode: argmax when every row is plain
+        greedy, else the sampler with metadata built once (the requests that decode ahead
+        have no penalties, min_tokens or logprobs: nothing in it changes between steps;
+        a seeded row draws from its own generator each step, as single steps would)."""
+        specs = [sampling[r.request_id] for r in requests]
+        if all(spec.argmax_only for spec in specs):
+            return argmax
+        metadata = []
+
+        def sample(logits: torch.Tensor) -> torch.Tensor:
+            if not metadata:
+                metadata.append(SamplingMetadata.build(
+                    [spec.params for spec in specs], [r.prompt_token_ids for r in requests],
+                    [r.output_token_ids for r in requests],
+                    [spec.generators[0] for spec in specs], self.device, logits.shape[-1],
+                    eos_token_ids=[r.eos_token_id for r in requests]))
+            return self.sampler(logits, metadata[0]).sampled_token_ids
+
+        return sample
 
     def _stage_decode_steps(self, arrays: StepArrays
                             ) -> tuple[StepInputs, Callable[[StepInputs], torch.Tensor]]:

@@ -84,17 +84,35 @@ def test_multi_step_equals_single_step(name, engine_kwargs, tiny_model_factory, 
         assert llm.llm_engine.num_preemptions > 0
 
 
-def test_streamed_and_sampled_requests_take_single_steps(tiny_model_factory, monkeypatch):
-    """Only requests nobody watches per step and whose tokens are argmax picks decode ahead:
-    one such request in the batch keeps every step single."""
+def test_requests_that_need_per_token_work_take_single_steps(tiny_model_factory, monkeypatch):
+    """Only requests whose draws need nothing the host learns per token decode ahead:
+    one other request in the batch keeps every step single."""
     llm = make_llm(tiny_model_factory("llama"), monkeypatch, DECODE_STEPS, max_model_len=64)
     prompts = random_prompts(3, seed=3)
-    for other in (SamplingParams(temperature=0.8, seed=1, max_tokens=12),
+    for other in (SamplingParams(temperature=0.8, seed=1, max_tokens=12, presence_penalty=0.5),
                   SamplingParams(temperature=0.0, max_tokens=12, logprobs=1),
-                  SamplingParams(temperature=0.0, max_tokens=12, min_tokens=2)):
+                  SamplingParams(temperature=0.0, max_tokens=12, min_tokens=2),
+                  SamplingParams(temperature=0.0, max_tokens=12, stop=["zz"])):
         params = [SamplingParams(temperature=0.0, max_tokens=12)] * 2 + [other]
         _, steps = generate(llm, prompts, params)
         assert set(steps) == {1}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_seeded_sampling_ahead_draws_what_single_steps_draw(name, tiny_model_factory,
+                                                             monkeypatch):
+    """Sampled requests decode ahead too, drawing each step on the device: a seeded one
+    consumes its generator as single steps do, so its tokens are the same."""
+    model_dir = tiny_model_factory(name)
+    prompts = random_prompts(6, seed=5)
+    params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=i, max_tokens=5 + 3 * i)
+              for i in range(len(prompts))]
+    params[1] = SamplingParams(temperature=0.0, max_tokens=11)  # greedy rows mix in
+    single, _ = generate(make_llm(model_dir, monkeypatch, 1, max_model_len=64), prompts, params)
+    multi, steps = generate(make_llm(model_dir, monkeypatch, DECODE_STEPS, max_model_len=64),
+                            prompts, params)
+    assert multi == single
+    assert max(steps) == DECODE_STEPS
 
 
 def test_kv_of_a_run_cut_short_serves_prefix_hits(tiny_model_factory, monkeypatch):
