@@ -20,6 +20,7 @@ cache); a torch.profiler summary of one decode step at batch 256.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import subprocess
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -68,6 +70,23 @@ def run_pagedllm(llm, workload: Workload) -> tuple[float, float]:
     return sum(output_lens) / elapsed, elapsed
 
 
+@contextlib.contextmanager
+def observing_schedule(scheduler, observe: Callable) -> Iterator[None]:
+    """Inside: `observe(output)` after every `scheduler.schedule()`."""
+    schedule = scheduler.schedule
+
+    def observed():
+        output = schedule()
+        observe(output)
+        return output
+
+    scheduler.schedule = observed
+    try:
+        yield
+    finally:
+        del scheduler.schedule
+
+
 def serving_stats(llm, workload: Workload) -> tuple[float, int]:
     """(KV waste at peak KV use, peak running batch) over one run.
 
@@ -75,25 +94,14 @@ def serving_stats(llm, workload: Workload) -> tuple[float, int]:
     schedule; of the steps at peak use the worst one is reported.
     """
     engine = llm.llm_engine
-    kv, scheduler = engine.kv_cache_manager, engine.scheduler
-    samples: list[tuple[float, float]] = []
-    peak_batch = 0
-    schedule = scheduler.schedule
-
-    def observed_schedule():
-        nonlocal peak_batch
-        output = schedule()
-        peak_batch = max(peak_batch, len(output.scheduled_requests))
-        samples.append((kv.usage, kv.kv_waste()))
-        return output
-
-    scheduler.schedule = observed_schedule
-    try:
+    kv = engine.kv_cache_manager
+    samples: list[tuple[float, float, int]] = []  # (usage, waste, batch)
+    with observing_schedule(engine.scheduler, lambda output: samples.append(
+            (kv.usage, kv.kv_waste(), len(output.scheduled_requests)))):
         run_pagedllm(llm, workload)
-    finally:
-        del scheduler.schedule
-    peak_usage = max(usage for usage, _ in samples)
-    return max(waste for usage, waste in samples if usage == peak_usage), peak_batch
+    peak_usage = max(usage for usage, _, _ in samples)
+    return (max(waste for usage, waste, _ in samples if usage == peak_usage),
+            max(batch for _, _, batch in samples))
 
 
 def step_times(llm, workload: Workload) -> str:
@@ -101,16 +109,13 @@ def step_times(llm, workload: Workload) -> str:
     one known token) vs decode steps, from host clocks around `LLMEngine.step`; a
     multi-step decode (engine.scheduler) counts as its number of decode steps."""
     engine = llm.llm_engine
-    scheduler = engine.scheduler
     steps: list[list] = []  # [prefill?, sequences, decode steps, seconds]
-    schedule, step = scheduler.schedule, engine.step
+    step = engine.step
 
-    def observed_schedule():
-        output = schedule()
+    def record(output) -> None:
         num_seqs = len(output.scheduled_requests)
         prefill = output.decode_steps == 1 and output.total_num_scheduled_tokens != num_seqs
         steps.append([prefill, num_seqs, output.decode_steps, 0.0])
-        return output
 
     def timed_step():
         started = time.perf_counter()
@@ -119,11 +124,12 @@ def step_times(llm, workload: Workload) -> str:
         finally:
             steps[-1][3] = time.perf_counter() - started
 
-    scheduler.schedule, engine.step = observed_schedule, timed_step
+    engine.step = timed_step
     try:
-        _, elapsed = run_pagedllm(llm, workload)
+        with observing_schedule(engine.scheduler, record):
+            _, elapsed = run_pagedllm(llm, workload)
     finally:
-        del scheduler.schedule, engine.step
+        del engine.step
     prefill_s = sum(sec for prefill, _, _, sec in steps if prefill)
     decode = [(seqs, num, sec) for prefill, seqs, num, sec in steps if not prefill]
     num_decode = sum(num for _, num, _ in decode)

@@ -26,7 +26,7 @@ from engine.distributed.worker import is_torchrun_worker, run_torchrun_worker
 from engine.engine_setup import build_engine_parts
 from engine.fault_isolation import RequestFailedError, execute_isolating
 from engine.logprobs import PositionLogprobs, logprob_dict
-from engine.model_runner import RequestSampling, plain_greedy
+from engine.model_runner import RequestSampling, draws_without_history, plain_greedy
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.parallel_sampling import SampleGroup
 from engine.request import Request, RequestStatus
@@ -56,10 +56,7 @@ def _decodes_ahead(params: SamplingParams, sampled: bool) -> bool:
     per token (no penalties, logprobs, min_tokens or stop strings), and it is greedy
     unless `sampled` (the runner then draws each step on the device with the sampler)."""
     return (params.output_kind == RequestOutputKind.FINAL_ONLY and params.n == 1
-            and (plain_greedy(params) or (sampled and params.logprobs is None
-                                          and params.repetition_penalty == 1.0
-                                          and params.presence_penalty == 0.0
-                                          and params.frequency_penalty == 0.0))
+            and draws_without_history(params) and (sampled or plain_greedy(params))
             and not params.stop and not params.min_tokens and params.prompt_logprobs is None)
 
 

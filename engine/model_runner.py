@@ -59,12 +59,18 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
+def draws_without_history(params: SamplingParams) -> bool:
+    """Whether a draw needs none of the tokens sampled before it (no penalties) and
+    reports nothing besides the token (no logprobs)."""
+    return (params.logprobs is None and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
+
+
 def plain_greedy(params: SamplingParams) -> bool:
     """Whether argmax of the raw logits is this request's whole sampling step
     (min_tokens is checked per request: it masks tokens only early on)."""
-    return (params.sampling_type == SamplingType.GREEDY and params.logprobs is None
-            and not params.logit_bias and params.repetition_penalty == 1.0
-            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
+    return (params.sampling_type == SamplingType.GREEDY and not params.logit_bias
+            and draws_without_history(params))
 
 
 @dataclass
@@ -210,13 +216,7 @@ class ModelRunner:
         if scheduler_output.total_num_scheduled_tokens:
             plan.arrays, sampling_requests = gather_step_arrays(scheduler_output, get_block_ids)
             if plan.arrays.decode_steps is not None:
-                if self.tp_group.world_size > 1:
-                    send_step(plan)
-                sample = self._decode_steps_sampler(sampling_requests, sampling)
-                for request, token_ids in zip(sampling_requests,
-                                              self.execute_decode_steps(plan, sample)):
-                    output.sampled_token_ids[request.request_id] = token_ids
-                return output
+                return self._execute_multi_step(plan, sampling_requests, sampling)
             if any(spec.prompt_logprobs for spec in sampling.values()):
                 chunks = prompt_chunks(scheduler_output,
                                        lambda rid: sampling[rid].params.prompt_logprobs
@@ -266,6 +266,16 @@ class ModelRunner:
             sampled.append(sample(self.model.compute_logits(hidden[inputs.logits_indices])))
         rows = torch.stack(sampled, 1).tolist()
         return [row[:n] for row, n in zip(rows, steps.tolist())]
+
+    def _execute_multi_step(self, plan: StepPlan, requests: list,
+                            sampling: dict[str, RequestSampling]) -> ModelRunnerOutput:
+        """`execute_model` for a multi-step decode: every request samples every step."""
+        if self.tp_group.world_size > 1:
+            send_step(plan)
+        sample = self._decode_steps_sampler(requests, sampling)
+        token_ids = self.execute_decode_steps(plan, sample)
+        return ModelRunnerOutput(sampled_token_ids={
+            request.request_id: ids for request, ids in zip(requests, token_ids)})
 
     def _decode_steps_sampler(self, requests: list, sampling: dict[str, RequestSampling]
                               ) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -17,10 +17,11 @@ a step, request `r` computes `r.all_token_ids[r.num_computed_tokens:][:n]` with
 Multi-step decode (`num_decode_steps` > 1): when nothing waits and every running
 request is decoding and `decode_ahead` (its tokens need no host work between steps:
 final output only, no stop strings or per-token logits processing), one schedule
-covers up to `num_decode_steps` decode steps. Request `r` then gets `n` > 1 tokens of which only the first is known: the
-runner feeds each step's sampled token to the next, and `r` receives `n` sampled
-tokens (fewer once a stop condition ends it). `SchedulerOutput.decode_steps` is the
-largest `n`; the host's per-step work is spread over all of them.
+covers up to `num_decode_steps` decode steps. Request `r` then gets `n` > 1 tokens
+of which only the first is known: the runner feeds each step's sampled token to the
+next, and `r` receives `n` sampled tokens (fewer once a stop condition ends it).
+`SchedulerOutput.decode_steps` is the largest `n`; the host's per-step work is
+spread over all of them.
 """
 
 from __future__ import annotations
