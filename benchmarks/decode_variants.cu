@@ -14,24 +14,17 @@ using T = __nv_bfloat16;
 
 // X(tile, stages, warps, max_width, l2_prefetch, q_in_registers)
 #define DECODE_VARIANTS(X)   \
+  X(32, 3, 4, 1, 256, false) \
   X(16, 2, 4, 1, 0, false)   \
-  X(16, 2, 4, 1, 0, true)    \
-  X(32, 2, 4, 1, 0, false)   \
-  X(32, 2, 4, 1, 0, true)    \
-  X(16, 3, 4, 1, 0, false)   \
   X(32, 3, 4, 1, 0, false)   \
-  X(16, 2, 4, 1, 256, false) \
   X(16, 2, 2, 2, 0, false)   \
-  X(16, 2, 4, 4, 0, false)   \
-  X(32, 2, 4, 4, 0, false)   \
-  X(16, 2, 8, 8, 0, false)   \
   X(16, 2, 8, 8, 256, false)
 
 #define SHAPE(HEAD, tile, stages, warps, width, prefetch, q_regs) \
   DecodeMmaShape<HEAD, tile, stages, warps, width, prefetch, q_regs>
 
-static_assert(std::is_same_v<SHAPE(64, 16, 2, 4, 1, 0, false), pagedllm::DecodeMmaFor<64>> &&
-                  std::is_same_v<SHAPE(128, 16, 2, 4, 1, 0, false), pagedllm::DecodeMmaFor<128>>,
+static_assert(std::is_same_v<SHAPE(64, 32, 3, 4, 1, 256, false), pagedllm::DecodeMmaFor<64>> &&
+                  std::is_same_v<SHAPE(128, 32, 3, 4, 1, 256, false), pagedllm::DecodeMmaFor<128>>,
               "variant 0 must be the launched shape");
 
 template <int HEAD>

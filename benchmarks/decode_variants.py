@@ -13,7 +13,9 @@ table), each variant is timed at several context splits: effective bandwidth
 `forward` launches), with L2 flushed before each run, as in
 benchmarks/attention_kernels.py; SDPA on a contiguous cache is measured in the
 same run. The table gives each variant's best TB/s and its number of splits;
-`plan` is what platforms/cuda/backend.split_plan picks for variant 0.
+`plan` is what platforms/cuda/backend.split_plan picks for variant 0;
+`--targets 4,8,16` adds variant 0's TB/s at the splits split_plan picks for
+each of those CTA-per-SM targets (the planner's one tuning constant).
 """
 
 from __future__ import annotations
@@ -230,8 +232,10 @@ def sdpa_ms(timer: Timer, batch: DecodeBatch) -> float:
         q, k, v, scale=batch.head_size ** -0.5, enable_gqa=True))
 
 
-def time_shape(lib, timer: Timer, variants, head_size: int, num_seqs: int, context: int):
-    """{variant: (best TB/s, its splits)} and SDPA's TB/s for one decode shape."""
+def time_shape(lib, timer: Timer, variants, targets, num_sms: int, head_size: int,
+               num_seqs: int, context: int):
+    """{variant: (best TB/s, its splits)}, SDPA's TB/s and {target: (variant 0's TB/s,
+    splits)} at split_plan's choice for each CTA-per-SM target, for one decode shape."""
     batch = DecodeBatch(lib, [context] * num_seqs, NUM_HEADS, NUM_KV_HEADS, head_size,
                         BLOCK_SIZE, poison=False)
     tbps = 2 * num_seqs * context * NUM_KV_HEADS * head_size * DTYPE.itemsize / 1e9
@@ -241,7 +245,12 @@ def time_shape(lib, timer: Timer, variants, head_size: int, num_seqs: int, conte
             ms = timer.ms(lambda: batch.forward(variant, partition_size, num_splits))
             if tbps / ms > best.get(variant, (0.0,))[0]:
                 best[variant] = (tbps / ms, num_splits)
-    return best, tbps / sdpa_ms(timer, batch)
+    planned = {}
+    for target in targets:
+        partition_size, num_splits = split_plan(num_seqs, NUM_KV_HEADS, context, num_sms, target)
+        ms = timer.ms(lambda: batch.forward(0, partition_size, num_splits))
+        planned[target] = (tbps / ms, num_splits)
+    return best, tbps / sdpa_ms(timer, batch), planned
 
 
 def main() -> None:
@@ -250,6 +259,8 @@ def main() -> None:
                         help="decode shapes, sequences x context, comma-separated")
     parser.add_argument("--heads", default="64,128", help="head sizes (64 and/or 128)")
     parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement")
+    parser.add_argument("--targets", default="",
+                        help="split_plan CTA-per-SM targets to time variant 0 at, comma-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -263,7 +274,8 @@ def main() -> None:
               "reference; best TB/s (splits) of write_kv + decode + combine", flush=True)
         timer = Timer(args.reps)
         columns = [(h, b, c) for h in map(int, args.heads.split(",")) for b, c in shapes]
-        results = {col: time_shape(lib, timer, good, *col) for col in columns}
+        targets = [int(t) for t in args.targets.split(",") if t]
+        results = {col: time_shape(lib, timer, good, targets, num_sms, *col) for col in columns}
     print(f"{'variant':<58}" + "".join(f"{f'D{h} B{b} L{c}':>16}" for h, b, c in columns))
     for variant in good:
         print(f"{variant:>2} {names[variant]:<55}" + "".join(
@@ -273,6 +285,10 @@ def main() -> None:
         f"{split_plan(b, NUM_KV_HEADS, c, num_sms)[1]:>16}" for _, b, c in columns))
     print(f"{'SDPA, contiguous cache':<58}" + "".join(
         f"{results[col][1]:>16.3f}" for col in columns))
+    for target in targets:
+        print(f"{f'variant 0, split_plan target {target}':<58}" + "".join(
+            f"{results[col][2][target][0]:>11.3f} ({results[col][2][target][1]:>2})"
+            for col in columns))
 
 
 if __name__ == "__main__":

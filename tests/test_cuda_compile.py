@@ -21,8 +21,8 @@ import torch
 
 import platforms
 from platforms.cuda import backend as backend_module, build
-from platforms.cuda.backend import (MIN_PARTITION, SUPPORTED_HEAD_SIZES, CudaAttentionBackend,
-                                    split_plan)
+from platforms.cuda.backend import (MIN_PARTITION, PARTITION_ALIGN, SUPPORTED_HEAD_SIZES,
+                                    CudaAttentionBackend, split_plan)
 
 ARCHS = {"sm_80": "-arch=sm_80", "sm_90a": "-gencode=arch=compute_90a,code=sm_90a"}
 CU_FILES = sorted(p.name for p in build.CSRC.glob("*.cu"))
@@ -153,12 +153,12 @@ def test_bad_query_is_a_value_error_before_any_build(shape, dtype, message):
 def test_split_plan_covers_the_context_with_aligned_partitions(num_tokens, max_context,
                                                                num_sms):
     partition, splits = split_plan(num_tokens, 8, max_context, num_sms)
-    assert partition % 64 == 0 and splits >= 1
+    assert partition % PARTITION_ALIGN == 0 and splits >= 1
     assert (splits - 1) * partition < max_context <= splits * partition
     assert splits == 1 or partition >= MIN_PARTITION // 2, "no tiny partitions"
 
 
 def test_split_plan_splits_small_batches_to_fill_the_gpu():
     _, splits = split_plan(1, 8, 32768, 132)
-    assert splits * 8 >= 4 * 132
+    assert splits * 8 >= 0.9 * 132, "a lone long context is spread over (almost) every SM"
     assert split_plan(4096, 8, 4096, 132)[1] == 1, "a large batch fills the GPU unsplit"

@@ -27,12 +27,15 @@ from platforms.cuda.build import load_extension
 from platforms.cuda.validation import SUPPORTED_HEAD_SIZES
 from platforms.interface import AttentionBackend
 
-# Split-K planning: aim for this many CTAs per SM so the last wave is a small
-# fraction of the work, without cutting a context into partitions shorter than
-# MIN_PARTITION keys (each split costs a partial write and a combine read).
-TARGET_CTAS_PER_SM = 16
+# Split-K planning: split a context only while the grid would leave SMs idle.
+# The launched decode shape holds one or two CTAs per SM (its 3-deep rings of
+# 32-token tiles fill the shared memory), and on the H100 one partition per
+# context beat 2-16 at every batch of >= 32 sequences of 512-4096 tokens but
+# one (benchmarks/decode_variants.py --targets; RESULTS.md). Partitions are
+# at least MIN_PARTITION keys: each split costs a partial write and a combine read.
+TARGET_CTAS_PER_SM = 1
 MIN_PARTITION = 256
-PARTITION_ALIGN = 64  # 4 warps x 16-token tiles
+PARTITION_ALIGN = 128  # 4 warps x 32-token tiles
 MAX_GRID_Y = 65535  # the prefill grid has one y row per sequence
 
 
@@ -42,11 +45,11 @@ def _device_info(index: int) -> tuple[tuple[int, int], int]:
     return (props.major, props.minor), props.multi_processor_count
 
 
-def split_plan(num_tokens: int, ctas_per_token: int, max_context: int,
-               num_sms: int) -> tuple[int, int]:
+def split_plan(num_tokens: int, ctas_per_token: int, max_context: int, num_sms: int,
+               target_ctas_per_sm: int = TARGET_CTAS_PER_SM) -> tuple[int, int]:
     """(partition_size, num_splits) for the decode grid."""
     ctas = max(1, num_tokens * ctas_per_token)
-    wanted = math.ceil(TARGET_CTAS_PER_SM * num_sms / ctas)
+    wanted = math.ceil(target_ctas_per_sm * num_sms / ctas)
     splits = max(1, min(wanted, math.ceil(max_context / MIN_PARTITION)))
     partition = math.ceil(math.ceil(max_context / splits) / PARTITION_ALIGN) * PARTITION_ALIGN
     return partition, math.ceil(max_context / partition)

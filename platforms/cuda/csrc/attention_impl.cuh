@@ -57,11 +57,16 @@ __global__ void combine_splits_kernel(AttentionParams p) {
   }
 }
 
-// The tensor-core decode shape launched: 4 warps on one head chunk, 16-token
-// tiles, 2-deep rings, Q reloaded from smem (benchmarks/RESULTS.md has its
-// figures; benchmarks/decode_variants.py times the alternatives).
+// The tensor-core decode shape launched. Heads 64 and 128: 4 warps on one
+// head chunk, each streaming 32-token tiles through a 3-deep cp.async ring
+// with 256-byte L2 prefetch, Q reloaded from smem (the fastest of the shapes
+// benchmarks/decode_variants.py timed on the H100; benchmarks/RESULTS.md has
+// the table). Other heads keep 16-token tiles in a 2-deep ring: at head 96
+// the deeper shape spills registers, at 256 it exceeds the shared memory.
 template <int HEAD>
-using DecodeMmaFor = DecodeMmaShape<HEAD, 16, 2, 4, 1, 0, false>;
+using DecodeMmaFor =
+    std::conditional_t<HEAD == 64 || HEAD == 128, DecodeMmaShape<HEAD, 32, 3, 4, 1, 256, false>,
+                       DecodeMmaShape<HEAD, 16, 2, 4, 1, 0, false>>;
 
 template <typename T, int HEAD, typename S>
 cudaError_t launch_decode_mma(const AttentionParams& p, cudaStream_t stream) {
