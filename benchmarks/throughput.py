@@ -4,10 +4,13 @@ Both get the same random prompts (`--num-prompts` x `--input-len` token ids)
 and must emit exactly `--output-len` greedy tokens each (EOS ignored).
 pagedllm takes all prompts at once (continuous batching), once per
 `--dtypes`; HF runs static batches of `--hf-batch-size` with left padding,
-once per `--hf-dtypes` (both default to float32, the CPU default of both
-engines, and bfloat16). Prints output tokens/s of each run and each
-pagedllm run's ratio to each HF run, for each model: the default model, and
-a tiny random-weight Llama built on the fly (engine overhead dominates there).
+once per `--hf-dtypes` (both default to float32 and bfloat16). Prints output
+tokens/s of each run and each pagedllm run's ratio to each HF run, for each
+model: the default model, and a tiny random-weight Llama built on the fly
+(engine overhead dominates there). A last line compares the two engines at
+their defaults: pagedllm's `dtype="auto"` (bfloat16 on a CPU that multiplies
+it natively, else float32) against HF `from_pretrained` without a dtype
+(the checkpoint's, float32 for the default model).
 Each run also prints its CPU use, CPU time / (wall time x threads): well
 below 1, the run shared its cores with other processes and its tok/s is
 low; tok/s / CPU use (tokens per second of CPU time a thread) is less
@@ -30,11 +33,13 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM)
 
 import throughput_cuda
+import platforms
 from engine import LLM, SamplingParams
-from engine.model_loader import resolve_model
+from engine.model_loader import resolve_dtype, resolve_model
 
 
 def make_tiny_model(tokenizer_dir: str, out_dir: str) -> str:
@@ -117,9 +122,11 @@ def bench_cpu_model(name: str, model_dir: str, args) -> None:
                for dtype in args.hf_dtypes}
     rows = [(f"HF generate, {dtype}, batch {args.hf_batch_size}", tok_s, cpu_use, "")
             for dtype, (tok_s, cpu_use) in hf_runs.items()]
+    paged_runs = {}
     for dtype in args.dtypes:
         tok_s, cpu_use, resolved = bench_pagedllm(model_dir, prompts, warmup, args.output_len,
                                                   args.device, dtype)
+        paged_runs[resolved] = tok_s
         ratios = "  ".join(f"/ HF {hf_dtype}: {tok_s / hf_tok_s:.2f}x"
                            for hf_dtype, (hf_tok_s, _) in hf_runs.items())
         rows.append((f"pagedllm, {dtype} ({str(resolved).removeprefix('torch.')})", tok_s,
@@ -131,6 +138,21 @@ def bench_cpu_model(name: str, model_dir: str, args) -> None:
         print(f"  {label:<34} {tok_s:8.1f} tok/s  cpu use {cpu_use:.2f} "
               f"({tok_s / cpu_use:6.1f} per second of CPU time a thread)  {ratios}",
               flush=True)
+    print_defaults(model_dir, args.device, hf_runs, paged_runs)
+
+
+def print_defaults(model_dir: str, device: str, hf_runs: dict, paged_runs: dict) -> None:
+    """Each engine at its default dtype, from the runs above (when both were measured)."""
+    paged_dtype = resolve_dtype("auto", AutoConfig.from_pretrained(model_dir),
+                                platforms.get(device))
+    hf_dtype = AutoModelForCausalLM.from_pretrained(model_dir).dtype
+    name = str(hf_dtype).removeprefix("torch.")
+    if paged_dtype not in paged_runs or name not in hf_runs:
+        print(f"  defaults: pagedllm {paged_dtype}, HF {hf_dtype}: not both measured")
+        return
+    print(f"  defaults: pagedllm dtype=auto ({str(paged_dtype).removeprefix('torch.')}) / "
+          f"HF from_pretrained default ({name}): "
+          f"{paged_runs[paged_dtype] / hf_runs[name][0]:.2f}x")
 
 
 def main() -> None:

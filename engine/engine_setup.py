@@ -78,7 +78,7 @@ def resolve_platform(device: str) -> platforms.Platform:
 
 def platform_dtype(dtype: str, hf_config: PretrainedConfig, platform) -> torch.dtype:
     """The model loader's dtype choice, refused when the platform cannot compute in it."""
-    resolved = resolve_dtype(dtype, hf_config, platform.torch_device())
+    resolved = resolve_dtype(dtype, hf_config, platform)
     if resolved not in platform.supported_dtypes:
         raise ValueError(f"dtype={dtype!r} ({resolved}) is not supported by platform "
                          f"{platform.name!r}: {[str(d) for d in platform.supported_dtypes]}")

@@ -32,7 +32,7 @@ from transformers import AutoConfig
 
 from engine.models import CausalLM, get_model_class
 from engine.models.cpu_weights import can_pack, pack_linear_weights
-from platforms.interface import AttentionBackend
+from platforms.interface import AttentionBackend, Platform
 
 logger = logging.getLogger(__name__)
 
@@ -116,24 +116,20 @@ def convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype], hf_config: Any,
-                  device: torch.device) -> torch.dtype:
-    """The dtype to load in.
+                  platform: Platform) -> torch.dtype:
+    """The dtype to load in: `dtype`, or for "auto" the platform's choice.
 
-    "auto" on CPU: float32, so outputs agree with a float32 reference (pass
-    "bfloat16" for speed where the CPU multiplies it natively (AVX512-BF16 /
-    AMX), see benchmarks/RESULTS.md). Elsewhere the
-    checkpoint's half type, bfloat16 when the checkpoint is float32.
+    "auto" asks `platform.auto_dtype` with the checkpoint's declared dtype
+    (vLLM's rule): on GPUs the checkpoint's half type, bfloat16 for a float32
+    checkpoint; on CPUs bfloat16 only where it is native, else float32.
     """
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use one of {list(_DTYPES)}")
         return dtype
     if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32
         config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-        config_dtype = _DTYPES.get(config_dtype, config_dtype)
-        return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        return platform.auto_dtype(_DTYPES.get(config_dtype, config_dtype))
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use 'auto' or one of {list(_DTYPES)}")
     return _DTYPES[dtype]
@@ -149,19 +145,24 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def load_model(model_dir: str, dtype: Union[str, torch.dtype], device: Union[str, torch.device],
+def load_model(model_dir: str, dtype: torch.dtype, device: Union[str, torch.device],
                attn_backend: AttentionBackend) -> tuple[CausalLM, Any]:
-    """Build the native model for `model_dir` and load its weights -> (model, hf_config)."""
+    """Build the native model for `model_dir` and load its weights -> (model, hf_config).
+
+    `dtype` is already resolved (`resolve_dtype`): "auto" needs the platform.
+    """
     hf_config = AutoConfig.from_pretrained(model_dir)
     model_class = get_model_class(hf_config)
     device = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, hf_config, device)
-    with _default_dtype(torch_dtype), torch.device("meta"):
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not supported; pass one of "
+                         f"{list(_DTYPES.values())} (resolve_dtype turns names into these)")
+    with _default_dtype(dtype), torch.device("meta"):
         model = model_class(hf_config, attn_backend)
     model = model.to_empty(device=device)
     model.load_weights(iter_checkpoint(model_dir))
     model.requires_grad_(False)
-    if can_pack(device, torch_dtype):
+    if can_pack(device, dtype):
         pack_linear_weights(model)
     return model.eval(), hf_config
 

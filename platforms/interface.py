@@ -89,6 +89,17 @@ class Platform(abc.ABC):
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.float16, torch.bfloat16)
 
+    def auto_dtype(self, checkpoint_dtype: Optional[torch.dtype]) -> torch.dtype:
+        """The dtype `dtype="auto"` loads a checkpoint stored in `checkpoint_dtype` in.
+
+        vLLM's rule for accelerators: keep a half-precision checkpoint's type
+        and serve a float32 (or undeclared) one in bfloat16, since half
+        precision halves the memory traffic decode is bound by.
+        """
+        if checkpoint_dtype in (torch.float16, torch.bfloat16):
+            return checkpoint_dtype
+        return torch.bfloat16
+
     @abc.abstractmethod
     def is_available(self) -> bool:
         """Whether the hardware (and its software stack) is present here."""

@@ -46,7 +46,7 @@ class StepLog:
 @pytest.fixture(scope="module")
 def served(tiny_model_factory):  # noqa: F811
     """(engine, step log, offline greedy texts of PROMPTS)."""
-    llm = LLM(str(tiny_model_factory("llama")), device="cpu", max_model_len=128,
+    llm = LLM(str(tiny_model_factory("llama")), device="cpu", dtype="float32", max_model_len=128,
               num_gpu_blocks_override=NUM_BLOCKS)
     reference = [o.outputs[0].text for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     engine = AsyncLLMEngine(llm.llm_engine)

@@ -121,19 +121,21 @@ def test_kv_pool_is_clipped_to_what_the_sequences_need(model_dir):
 
 
 def test_kv_pool_from_kv_cache_memory_and_override(model_dir):
-    runner = LLM(model=model_dir, device="cpu", max_model_len=64).llm_engine.model_runner
+    runner = LLM(model=model_dir, device="cpu", dtype="float32",
+                 max_model_len=64).llm_engine.model_runner
     block_bytes = runner.block_bytes()
     key_cache, _ = runner.kv_caches[0]
-    assert block_bytes == 2 * len(runner.kv_caches) * key_cache[0].numel() * 4
-    llm = LLM(model=model_dir, device="cpu", max_model_len=64,
+    assert block_bytes == 2 * len(runner.kv_caches) * key_cache[0].numel() * 4  # float32
+    llm = LLM(model=model_dir, device="cpu", dtype="float32", max_model_len=64,
               kv_cache_memory=10 * block_bytes + 1)
     assert llm.llm_engine.model_runner.num_blocks == 10
     assert llm.llm_engine.kv_cache_manager.num_free_blocks == 10
-    llm = LLM(model=model_dir, device="cpu", max_model_len=64, num_gpu_blocks_override=7,
-              kv_cache_memory=10 * block_bytes)
+    llm = LLM(model=model_dir, device="cpu", dtype="float32", max_model_len=64,
+              num_gpu_blocks_override=7, kv_cache_memory=10 * block_bytes)
     assert llm.llm_engine.model_runner.kv_caches[0][0].shape[0] == 7
     with pytest.raises(ValueError, match="kv_cache_memory"):
-        LLM(model=model_dir, device="cpu", max_model_len=64, kv_cache_memory=block_bytes)
+        LLM(model=model_dir, device="cpu", dtype="float32", max_model_len=64,
+            kv_cache_memory=block_bytes)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -201,7 +203,7 @@ def test_gpu_sizing_subtracts_others_and_the_activation_peak(model_dir, monkeypa
 def test_plain_greedy_rows_skip_the_sampler_and_get_its_tokens(model_dir, monkeypatch):
     """Plain greedy steps are one argmax; the tokens equal the sampler's greedy ones
     (logprobs=0 keeps a request on the sampler without changing what it picks)."""
-    llm = LLM(model=str(model_dir), device="cpu", max_model_len=64)
+    llm = LLM(model=str(model_dir), device="cpu", dtype="float32", max_model_len=64)
     generator = torch.Generator().manual_seed(3)
     prompts = [{"prompt_token_ids": torch.randint(4, 390, (n,), generator=generator).tolist()}
                for n in (2, 9, 30)]

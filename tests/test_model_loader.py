@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig
 
 import engine.model_loader as model_loader
+import platforms
+import platforms.cpu
 from engine.model_loader import DEFAULT_MODEL, load_model, resolve_dtype, resolve_model
 from engine.models import SUPPORTED_ARCHITECTURES, get_model_class
 from test_models import REFERENCE, PagedBatchRunner, load_native
@@ -103,29 +105,53 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
                         intermediate_size=64, architectures=["BertForMaskedLM"])
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="BertForMaskedLM") as err:
-        load_model(resolve_model(str(tmp_path)), "auto", "cpu", REFERENCE)
+        load_model(resolve_model(str(tmp_path)), torch.float32, "cpu", REFERENCE)
     assert all(name in str(err.value) for name in SUPPORTED_ARCHITECTURES)
     with pytest.raises(ValueError, match="architectures"):
         get_model_class(BertConfig())
 
 
-@pytest.mark.parametrize("dtype, device, config_dtype, expected", [
-    ("auto", "cpu", "bfloat16", torch.float32),
-    ("auto", "cuda", "bfloat16", torch.bfloat16),
-    ("auto", "cuda", "float16", torch.float16),
-    ("auto", "cuda", "float32", torch.bfloat16),
-    ("float16", "cpu", "float32", torch.float16),
-    (torch.bfloat16, "cpu", "float32", torch.bfloat16),
+@pytest.mark.parametrize("dtype, platform, native_bf16, config_dtype, expected", [
+    # CPUs: vLLM's bfloat16, only where the CPU multiplies it natively
+    ("auto", "cpu", True, "float32", torch.bfloat16),
+    ("auto", "cpu", True, "float16", torch.bfloat16),
+    ("auto", "cpu", True, "bfloat16", torch.bfloat16),
+    ("auto", "cpu", False, "float32", torch.float32),
+    ("auto", "cpu", False, "float16", torch.float32),
+    ("auto", "cpu", False, "bfloat16", torch.float32),
+    # GPUs: the checkpoint's half type, bfloat16 for a float32 checkpoint
+    ("auto", "cuda", False, "bfloat16", torch.bfloat16),
+    ("auto", "cuda", False, "float16", torch.float16),
+    ("auto", "cuda", False, "float32", torch.bfloat16),
+    # an explicit dtype wins everywhere
+    ("float16", "cpu", True, "float32", torch.float16),
+    ("float32", "cpu", True, "bfloat16", torch.float32),
+    (torch.bfloat16, "cpu", False, "float32", torch.bfloat16),
 ])
-def test_resolve_dtype(dtype, device, config_dtype, expected):
+def test_resolve_dtype(monkeypatch, dtype, platform, native_bf16, config_dtype, expected):
+    monkeypatch.setattr(platforms.cpu, "has_native_bf16", lambda: native_bf16)
     config = BertConfig(dtype=config_dtype)
-    assert resolve_dtype(dtype, config, torch.device(device)) == expected
+    assert resolve_dtype(dtype, config, platforms.get(platform)) == expected
+
+
+@pytest.mark.parametrize("avx512_bf16, amx_tile, expected", [
+    (True, False, True), (False, True, True), (False, False, False)])
+def test_native_bf16_is_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx_tile, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx_tile)
+    assert platforms.cpu.has_native_bf16() == expected
 
 
 @pytest.mark.parametrize("dtype", ["float64", "fp8", torch.int8])
 def test_unsupported_dtype_is_rejected(dtype):
     with pytest.raises(ValueError, match="dtype"):
-        resolve_dtype(dtype, BertConfig(), torch.device("cpu"))
+        resolve_dtype(dtype, BertConfig(), platforms.get("cpu"))
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32", torch.float64])
+def test_load_model_takes_a_resolved_dtype(tiny_model_factory, dtype):
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(str(tiny_model_factory("llama")), dtype, "cpu", REFERENCE)
 
 
 def test_cache_root_follows_pagedllm_cache(monkeypatch, tmp_path):
@@ -141,7 +167,7 @@ def default_model_prompt_logits():
     assert resolve_model(DEFAULT_MODEL) == model_dir
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     token_ids = tokenizer("The capital of France is", return_tensors="pt").input_ids[0]
-    model, _ = load_model(model_dir, "auto", "cpu", REFERENCE)
+    model, _ = load_model(model_dir, torch.float32, "cpu", REFERENCE)
     logits = PagedBatchRunner(model, [token_ids], block_size=4, seed=0).step([len(token_ids)])[0]
     return tokenizer, token_ids, logits
 

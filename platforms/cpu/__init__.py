@@ -1,12 +1,23 @@
-"""CPU platform: the reference oracle and a fast vectorized backend."""
+"""CPU platform: the reference oracle and a fast vectorized backend.
+
+`dtype="auto"` loads in bfloat16 where the CPU multiplies it natively, else in
+float32 (`CpuPlatform.auto_dtype`).
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
 from platforms.interface import AttentionBackend, Platform
+
+
+def has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16, or AMX tiles,
+    which come with AMX-BF16); elsewhere oneDNN emulates it, slower than float32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 class CpuPlatform(Platform):
@@ -16,6 +27,16 @@ class CpuPlatform(Platform):
 
     def is_available(self) -> bool:
         return True
+
+    def auto_dtype(self, checkpoint_dtype: Optional[torch.dtype]) -> torch.dtype:
+        """bfloat16 where the CPU computes it natively, float32 elsewhere.
+
+        vLLM's CPU platform serves a float32 checkpoint in its first supported
+        dtype, bfloat16; we do too, but only where bfloat16 is native, since
+        emulated it is slower than float32. A float16 checkpoint follows the
+        same rule: few CPUs multiply float16 fast.
+        """
+        return torch.bfloat16 if has_native_bf16() else torch.float32
 
     def memory_info(self) -> tuple[int, int]:
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")

@@ -4,7 +4,11 @@ A step's sequences are split by what they need, and each kind is attended
 in one batched call over its sequences padded to a common length:
 
 - decode (one new token), bucketed by context length rounded up to a power
-  of two (so padding at most doubles a bucket's work): the query heads that
+  of two (so padding at most doubles a bucket's work): float32 and bfloat16
+  caches go to the compiled kernel of platforms/cpu/native.py, which reads
+  each sequence's K/V rows straight from the paged cache once (scores,
+  softmax and `probs @ V` in float32). Otherwise (float16, or no C++
+  compiler) PyTorch ops over the gathered context: the query heads that
   share a kv head are stacked as rows of one matmul against that head's
   keys (GQA without repeating K/V). Scores and softmax are float32, then
   `probs @ V` runs in the cache dtype with float32 accumulation, as torch's
@@ -33,6 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from platforms.cpu import native
 from platforms.cpu.reference import write_kv_nhd
 from platforms.interface import AttentionBackend
 
@@ -176,6 +181,11 @@ class FastCpuBackend(AttentionBackend):
     def _decode(self, query, key_cache, value_cache, block_tables, group: _Group,
                 scale: float, out: torch.Tensor) -> None:
         """One new token per sequence: `[seqs, kv_heads, group, head] @ K^T`, softmax, `@ V`."""
+        kernel = native.decode_kernel()
+        if kernel is not None and kernel.supports(query, key_cache, value_cache, block_tables):
+            kernel.decode(query, key_cache, value_cache, block_tables, group.seq_ids,
+                          group.seq_lens, group.token_ids[:, 0].contiguous(), scale, out)
+            return
         keys = self._gather_context(key_cache, block_tables, group.seq_ids, group.seq_lens,
                                     group.max_seq_len, torch.float32)
         value_dtype = _padded_compute_dtype(value_cache.dtype)

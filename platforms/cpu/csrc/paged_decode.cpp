@@ -1,0 +1,219 @@
+// Paged decode attention on the CPU: one new query token per sequence reads
+// its context straight from the block-paged cache, each K/V byte once.
+//
+// Plain C++ (no torch headers) behind a C ABI, compiled with g++ -O3
+// -march=native -fopenmp by platforms/cpu/native.py and called through
+// ctypes. Layouts (element strides given where a caller may pass views):
+//   query   [num_tokens, num_heads, head_size]      rows `token_rows[i]`
+//   out     [num_tokens, num_heads, head_size]      same rows
+//   caches  [num_blocks, block_size, num_kv_heads, head_size] contiguous
+//   block_tables [*, block_table_stride] int32; seq_ids, seq_lens, token_rows [n] int64
+// Scores, softmax and the P.V accumulation are float32 whatever the cache
+// dtype (float32 or bfloat16). Only positions < seq_len are read, so unused
+// cache slots (NaN-poisoned in the tests) never reach the output.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct DecodeArgs {
+  void* out;
+  const void* query;
+  const void* key_cache;
+  const void* value_cache;
+  const int32_t* block_tables;
+  const int64_t* seq_ids;
+  const int64_t* seq_lens;
+  const int64_t* token_rows;
+  int64_t query_stride_token, query_stride_head;
+  int64_t out_stride_token, out_stride_head;
+  int64_t block_table_stride;
+  int num_seqs, num_heads, num_kv_heads, head_size, block_size;
+  float scale;
+};
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if (std::isnan(f)) return 0x7FC0;
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// e^x for the softmax's x <= 0, Cephes' expf scheme: x = n ln2 + r with
+// |r| <= ln2 / 2 (ln2 split in two for an exact product), a degree-7
+// polynomial for e^r and the exponent bits for 2^n. Arithmetic only, so its
+// loop vectorizes (std::exp is a scalar call without -ffast-math, which g++
+// 12 would also let set flush-to-zero for the whole process). Relative error
+// < 1e-7 down to x = -69; below that, 2^-100 stands for 0, large enough that
+// weight * value stays a normal float (denormals are slow).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -69.f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r -= n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int n);
+
+template <>
+inline void load_row<float>(const float* src, float* dst, int n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+template <>
+inline void load_row<uint16_t>(const uint16_t* src, float* dst, int n) {
+#pragma omp simd
+  for (int d = 0; d < n; ++d) dst[d] = bf16_to_float(src[d]);
+}
+
+template <typename T>
+inline void store_row(const float* src, float inv, T* dst, int n);
+
+template <>
+inline void store_row<float>(const float* src, float inv, float* dst, int n) {
+  for (int d = 0; d < n; ++d) dst[d] = src[d] * inv;
+}
+
+template <>
+inline void store_row<uint16_t>(const float* src, float inv, uint16_t* dst, int n) {
+  for (int d = 0; d < n; ++d) dst[d] = float_to_bf16(src[d] * inv);
+}
+
+// One sequence, all its heads. HEAD > 0 fixes the head size at compile time
+// (vectorized loops of known trip count); HEAD == 0 reads it from the args.
+// scratch: [num_heads * seq_len] scores + [num_heads * head] q + acc + 2 rows.
+template <typename T, int HEAD>
+void decode_sequence(const DecodeArgs& a, int i, std::vector<float>& scratch) {
+  const int D = HEAD > 0 ? HEAD : a.head_size;
+  const int H = a.num_heads, KVH = a.num_kv_heads, G = H / KVH;
+  const int64_t seq = a.seq_ids[i];
+  const int L = static_cast<int>(a.seq_lens[i]);
+  scratch.resize(static_cast<size_t>(H) * L + 2 * static_cast<size_t>(H) * D + D);
+  float* scores = scratch.data();
+  float* q = scores + static_cast<size_t>(H) * L;
+  float* acc = q + static_cast<size_t>(H) * D;
+  float* row = acc + static_cast<size_t>(H) * D;
+
+  const T* query = static_cast<const T*>(a.query) + a.token_rows[i] * a.query_stride_token;
+  for (int h = 0; h < H; ++h) {
+    load_row<T>(query + h * a.query_stride_head, q + h * D, D);
+    for (int d = 0; d < D; ++d) q[h * D + d] *= a.scale;
+  }
+  const int32_t* blocks = a.block_tables + seq * a.block_table_stride;
+  const T* key_cache = static_cast<const T*>(a.key_cache);
+  const T* value_cache = static_cast<const T*>(a.value_cache);
+  auto cache_row = [&](int t) {  // element offset of position t, kv head 0
+    const int64_t slot = static_cast<int64_t>(blocks[t / a.block_size]) * a.block_size +
+                         t % a.block_size;
+    return slot * KVH * D;
+  };
+
+  for (int t = 0; t < L; ++t) {
+    const int64_t offset = cache_row(t);
+    for (int kvh = 0; kvh < KVH; ++kvh) {
+      load_row<T>(key_cache + offset + kvh * D, row, D);
+      for (int g = 0; g < G; ++g) {
+        const float* qh = q + (kvh * G + g) * D;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int d = 0; d < D; ++d) s += qh[d] * row[d];
+        scores[(kvh * G + g) * static_cast<size_t>(L) + t] = s;
+      }
+    }
+  }
+
+  std::vector<float> inv_sum(H);
+  for (int h = 0; h < H; ++h) {
+    float* s = scores + h * static_cast<size_t>(L);
+    float m = s[0];
+#pragma omp simd reduction(max : m)
+    for (int t = 1; t < L; ++t) m = std::max(m, s[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int t = 0; t < L; ++t) {
+      s[t] = exp_nonpositive(s[t] - m);
+      sum += s[t];
+    }
+    inv_sum[h] = 1.f / sum;
+  }
+
+  std::fill(acc, acc + static_cast<size_t>(H) * D, 0.f);
+  for (int t = 0; t < L; ++t) {
+    const int64_t offset = cache_row(t);
+    for (int kvh = 0; kvh < KVH; ++kvh) {
+      load_row<T>(value_cache + offset + kvh * D, row, D);
+      for (int g = 0; g < G; ++g) {
+        const int h = kvh * G + g;
+        const float p = scores[h * static_cast<size_t>(L) + t];
+        float* acc_h = acc + h * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) acc_h[d] += p * row[d];
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(a.out) + a.token_rows[i] * a.out_stride_token;
+  for (int h = 0; h < H; ++h) store_row<T>(acc + h * D, inv_sum[h], out + h * a.out_stride_head, D);
+}
+
+template <typename T, int HEAD>
+void decode_all(const DecodeArgs& a, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int i = 0; i < a.num_seqs; ++i) decode_sequence<T, HEAD>(a, i, scratch);
+  }
+}
+
+template <typename T>
+void dispatch_head(const DecodeArgs& a, int num_threads) {
+  switch (a.head_size) {
+    case 64: return decode_all<T, 64>(a, num_threads);
+    case 128: return decode_all<T, 128>(a, num_threads);
+    default: return decode_all<T, 0>(a, num_threads);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int pagedllm_cpu_args_size() { return static_cast<int>(sizeof(DecodeArgs)); }
+
+// dtype: 0 float32, 1 bfloat16. Returns 0, or 1 for an unsupported dtype.
+int pagedllm_cpu_decode(const DecodeArgs* args, int dtype, int num_threads) {
+  if (dtype == 0) {
+    dispatch_head<float>(*args, num_threads);
+  } else if (dtype == 1) {
+    dispatch_head<uint16_t>(*args, num_threads);
+  } else {
+    return 1;
+  }
+  return 0;
+}
+
+}  // extern "C"

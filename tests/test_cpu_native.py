@@ -1,0 +1,106 @@
+"""The compiled CPU decode kernel (platforms/cpu/native.py): built once, exact, optional.
+
+The conformance matrix (test_conformance_cpu.py) already runs the fast
+backend, whose float32/bfloat16 decode rows go to this kernel; here: the
+kernel on its own over threads and head sizes of both code paths (a fixed
+head size, and one read at run time), queries that are strided views, the
+build cache, and the PyTorch path a machine without a C++ compiler keeps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ci.batches import build_batch, poisoned_caches
+from ci.conformance import compare, oracle_output
+from ci.matrix import DECODE, MIXED, Case
+from platforms.cpu import native
+from platforms.cpu.fast import FastCpuBackend
+from platforms.cpu.reference import write_kv_nhd
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> native.DecodeKernel:
+    kernel = native.decode_kernel()
+    assert kernel is not None, "g++ is on this machine: the kernel must build"
+    return kernel
+
+
+def caches(batch, case):
+    shape = (batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
+    return poisoned_caches(batch, shape, case.dtype, CPU, write_kv_nhd, with_new_tokens=True)
+
+
+def decode_rows(batch):
+    """(seq_ids, seq_lens, token_rows) int64 of the batch's one-token sequences."""
+    query_lens = batch.query_start_loc[1:] - batch.query_start_loc[:-1]
+    seq_ids = (query_lens == 1).nonzero().flatten()
+    return seq_ids, batch.seq_lens[seq_ids].long(), batch.query_start_loc[seq_ids].long()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_size,num_heads,num_kv_heads",
+                         [(64, 8, 2), (128, 32, 8), (80, 12, 3), (96, 16, 1)])
+def test_kernel_matches_the_float64_oracle(kernel, threads, dtype, head_size, num_heads,
+                                           num_kv_heads):
+    torch.manual_seed(head_size + num_heads)
+    case = Case(dtype, head_size, 16, num_heads, num_kv_heads, DECODE)
+    batch = build_batch(case)
+    key_cache, value_cache = caches(batch, case)
+    seq_ids, seq_lens, token_rows = decode_rows(batch)
+    out = torch.full_like(batch.query, float("nan"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kernel.decode(batch.query, key_cache, value_cache, batch.block_tables, seq_ids,
+                      seq_lens, token_rows, batch.scale, out)
+    finally:
+        torch.set_num_threads(previous)
+    assert compare(out, oracle_output(batch))[1] <= case.tolerance
+
+
+def test_kernel_reads_strided_queries_and_writes_only_decode_rows(kernel):
+    """Queries as a view into a packed qkv tensor; prefill rows of `out` stay untouched."""
+    torch.manual_seed(1)
+    case = Case(torch.bfloat16, 64, 8, 8, 2, MIXED)
+    batch = build_batch(case)
+    key_cache, value_cache = caches(batch, case)
+    qkv = torch.randn(len(batch.query), 12, 64, dtype=case.dtype)
+    qkv[:, :8] = batch.query
+    query = qkv[:, :8]
+    assert not query.is_contiguous()
+    seq_ids, seq_lens, token_rows = decode_rows(batch)
+    out = torch.full_like(batch.query, float("nan"))
+    kernel.decode(query, key_cache, value_cache, batch.block_tables, seq_ids, seq_lens,
+                  token_rows, batch.scale, out)
+    expected = oracle_output(batch)
+    assert compare(out[token_rows], expected[token_rows])[1] <= case.tolerance
+    others = torch.ones(len(out), dtype=torch.bool)
+    others[token_rows] = False
+    assert out[others].isnan().all()
+
+
+def test_second_build_loads_the_cached_library():
+    compiler = native.find_compiler()
+    first = native.build(compiler)
+    built_at = first.stat().st_mtime_ns
+    assert native.build(compiler) == first and first.stat().st_mtime_ns == built_at
+
+
+def test_without_a_compiler_the_pytorch_path_serves_decode(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "find_compiler", lambda: None)
+    assert native.decode_kernel() is None
+    assert "no C++ compiler" in caplog.text
+    for dtype in (torch.float32, torch.bfloat16):
+        case = Case(dtype, 64, 16, 8, 2, DECODE)
+        batch = build_batch(case)
+        key_cache, value_cache = caches(batch, case)
+        out = FastCpuBackend().forward(batch.query, batch.key, batch.value, key_cache,
+                                       value_cache, batch.slot_mapping, batch.block_tables,
+                                       batch.seq_lens, batch.query_start_loc, batch.scale)
+        assert compare(out, oracle_output(batch))[1] <= case.tolerance
