@@ -1,4 +1,4 @@
-"""The compiled CPU decode kernel (platforms/cpu/native.py): built once, exact, optional.
+"""The compiled CPU kernels (platforms/cpu/native.py): built once, exact, optional.
 
 The conformance matrix (test_conformance_cpu.py) already runs the fast
 backend, whose float32/bfloat16 decode rows go to this kernel; here: the
@@ -23,8 +23,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def kernel() -> native.DecodeKernel:
-    kernel = native.decode_kernel()
+def kernel() -> native.CpuKernels:
+    kernel = native.cpu_kernels()
     assert kernel is not None, "g++ is on this machine: the kernel must build"
     return kernel
 
@@ -94,7 +94,7 @@ def test_second_build_loads_the_cached_library():
 def test_without_a_compiler_the_pytorch_path_serves_decode(monkeypatch, caplog):
     monkeypatch.setattr(native, "_loaded", None)
     monkeypatch.setattr(native, "find_compiler", lambda: None)
-    assert native.decode_kernel() is None
+    assert native.cpu_kernels() is None
     assert "no C++ compiler" in caplog.text
     for dtype in (torch.float32, torch.bfloat16):
         case = Case(dtype, 64, 16, 8, 2, DECODE)
@@ -104,3 +104,43 @@ def test_without_a_compiler_the_pytorch_path_serves_decode(monkeypatch, caplog):
                                        value_cache, batch.slot_mapping, batch.block_tables,
                                        batch.seq_lens, batch.query_start_loc, batch.scale)
         assert compare(out, oracle_output(batch))[1] <= case.tolerance
+
+
+def test_out_of_range_slots_and_blocks_are_value_errors_that_touch_nothing(kernel):
+    torch.manual_seed(2)
+    case = Case(torch.float32, 64, 16, 8, 2, DECODE)
+    batch = build_batch(case)
+    key_cache, value_cache = caches(batch, case)
+    before = key_cache.clone()
+    slots = batch.slot_mapping.clone()
+    slots[-1] = key_cache.shape[0] * key_cache.shape[1]
+    with pytest.raises(ValueError, match="slot_mapping"):
+        kernel.write_kv(batch.key, batch.value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache.isnan(), before.isnan())
+    seq_ids, seq_lens, token_rows = decode_rows(batch)
+    tables = batch.block_tables.clone()
+    tables[seq_ids[-1], 0] = key_cache.shape[0]
+    out = torch.full_like(batch.query, float("nan"))
+    with pytest.raises(ValueError, match="block_tables"):
+        kernel.decode(batch.query, key_cache, value_cache, tables, seq_ids, seq_lens,
+                      token_rows, batch.scale, out)
+    with pytest.raises(ValueError, match="block_tables"):
+        kernel.decode(batch.query, key_cache, value_cache, batch.block_tables[:, :1], seq_ids,
+                      seq_lens, token_rows, batch.scale, out)
+    assert out.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_write_kv_equals_the_reference_write(kernel, dtype):
+    """Strided K/V views, some slots -1: the same cache bytes as the reference scatter."""
+    torch.manual_seed(3)
+    qkv = torch.randn(40, 3, 4, 64, dtype=dtype)
+    key, value = qkv[:, 1], qkv[:, 2]
+    slots = torch.randperm(8 * 16)[:40]
+    slots[::7] = -1
+    expected = [torch.full((8, 16, 4, 64), float("nan"), dtype=dtype) for _ in range(2)]
+    actual = [cache.clone() for cache in expected]
+    write_kv_nhd(key, value, *expected, slots)
+    kernel.write_kv(key, value, *actual, slots)
+    for a, e in zip(actual, expected):
+        assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.nan_to_num(), e.nan_to_num())

@@ -165,7 +165,12 @@ class FastCpuBackend(AttentionBackend):
         self._memo = _StepMemo()
 
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping) -> None:
-        write_kv_nhd(key, value, key_cache, value_cache, slot_mapping)
+        kernels = native.cpu_kernels()
+        if kernels is not None and kernels.can_write(key, value, key_cache, value_cache,
+                                                     slot_mapping):
+            kernels.write_kv(key, value, key_cache, value_cache, slot_mapping)
+        else:
+            write_kv_nhd(key, value, key_cache, value_cache, slot_mapping)
 
     def forward(self, query, key, value, key_cache, value_cache, slot_mapping,
                 block_tables, seq_lens, query_start_loc, scale,
@@ -181,9 +186,10 @@ class FastCpuBackend(AttentionBackend):
     def _decode(self, query, key_cache, value_cache, block_tables, group: _Group,
                 scale: float, out: torch.Tensor) -> None:
         """One new token per sequence: `[seqs, kv_heads, group, head] @ K^T`, softmax, `@ V`."""
-        kernel = native.decode_kernel()
-        if kernel is not None and kernel.supports(query, key_cache, value_cache, block_tables):
-            kernel.decode(query, key_cache, value_cache, block_tables, group.seq_ids,
+        kernels = native.cpu_kernels()
+        if kernels is not None and kernels.can_decode(query, key_cache, value_cache,
+                                                      block_tables):
+            kernels.decode(query, key_cache, value_cache, block_tables, group.seq_ids,
                           group.seq_lens, group.token_ids[:, 0].contiguous(), scale, out)
             return
         keys = self._gather_context(key_cache, block_tables, group.seq_ids, group.seq_lens,

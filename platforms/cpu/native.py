@@ -1,12 +1,13 @@
-"""The CPU's compiled decode kernel (csrc/paged_decode.cpp), built on first use.
+"""The CPU's compiled kernels (csrc/paged_decode.cpp: decode attention and the
+cache write), built on first use.
 
 The source has no torch headers, so g++ builds it in about a second into
 `$XDG_CACHE_HOME/pagedllm/cpu-ext/<hash>/` (default `~/.cache/...`); the
 hash covers the source, the compiler and this CPU's `-march=native`
 target, so a second start loads the cached library. It is called through
 ctypes with the tensors' data pointers. Where no C++ compiler is found (or
-the build fails) `decode_kernel()` returns None, says why once in the log,
-and the fast backend keeps its PyTorch decode path.
+the build fails) `cpu_kernels()` returns None, says why once in the log,
+and the fast backend keeps its PyTorch paths.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fassociativ
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
-_loaded: Optional[tuple[Optional["DecodeKernel"]]] = None
+_loaded: Optional[tuple[Optional["CpuKernels"]]] = None
 
 
 class DecodeArgs(ctypes.Structure):
@@ -46,19 +47,58 @@ class DecodeArgs(ctypes.Structure):
         "token_rows")]
         + [(name, ctypes.c_int64) for name in (
             "query_stride_token", "query_stride_head", "out_stride_token", "out_stride_head",
-            "block_table_stride")]
+            "block_table_stride", "max_blocks", "num_blocks")]
         + [(name, ctypes.c_int) for name in (
             "num_seqs", "num_heads", "num_kv_heads", "head_size", "block_size")]
         + [("scale", ctypes.c_float)])
 
 
-class DecodeKernel:
-    """The loaded library: `decode(...)` runs one batch of decode tokens."""
+class WriteKvArgs(ctypes.Structure):
+    """`WriteKvArgs` of csrc/paged_decode.cpp, field for field."""
+
+    _fields_ = ([(name, ctypes.c_void_p) for name in (
+        "key_cache", "value_cache", "key", "value", "slot_mapping")]
+        + [(name, ctypes.c_int64) for name in (
+            "key_stride_token", "key_stride_head", "value_stride_token", "value_stride_head",
+            "num_slots")]
+        + [(name, ctypes.c_int) for name in (
+            "num_tokens", "num_kv_heads", "head_size", "element_size")])
+
+
+class CpuKernels:
+    """The loaded library: `decode(...)` and `write_kv(...)`."""
 
     def __init__(self, library: ctypes.CDLL):
         self._lib = library
-        if library.pagedllm_cpu_args_size() != ctypes.sizeof(DecodeArgs):
-            raise OSError("DecodeArgs differs between paged_decode.cpp and native.py")
+        if (library.pagedllm_cpu_args_size() != ctypes.sizeof(DecodeArgs)
+                or library.pagedllm_cpu_write_kv_args_size() != ctypes.sizeof(WriteKvArgs)):
+            raise OSError("argument structs differ between paged_decode.cpp and native.py")
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                 value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """The contract's `write_kv` for operands `can_write` accepts: `key/value
+        [num_tokens, kv_heads, head]` (strided, contiguous last dim), caches NHD
+        contiguous of the same dtype, `slot_mapping [num_tokens]` int64 contiguous."""
+        args = WriteKvArgs(
+            key_cache.data_ptr(), value_cache.data_ptr(), key.data_ptr(), value.data_ptr(),
+            slot_mapping.data_ptr(), key.stride(0), key.stride(1), value.stride(0),
+            value.stride(1), key_cache.shape[0] * key_cache.shape[1], key.shape[0],
+            key.shape[1], key.shape[2], key.element_size())
+        bad = self._lib.pagedllm_cpu_write_kv(ctypes.byref(args))
+        if bad >= 0:
+            raise ValueError(f"slot_mapping[{bad}] = {int(slot_mapping[bad])} is outside the "
+                             f"cache's {args.num_slots} slots (or -1 to skip)")
+
+    @staticmethod
+    def can_write(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                  value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+        return (key.dtype == value.dtype == key_cache.dtype == value_cache.dtype
+                and key.dim() == 3 and key.shape == value.shape
+                and key.shape[1:] == key_cache.shape[2:]
+                and key.stride(-1) == 1 and value.stride(-1) == 1
+                and key_cache.is_contiguous() and value_cache.is_contiguous()
+                and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+                and slot_mapping.shape == key.shape[:1])
 
     def decode(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                block_tables: torch.Tensor, seq_ids: torch.Tensor, seq_lens: torch.Tensor,
@@ -68,7 +108,7 @@ class DecodeKernel:
 
         `query`, `out [T, heads, head]` (any strides but a contiguous last dim),
         caches `[num_blocks, block_size, kv_heads, head]` contiguous, in float32
-        or bfloat16 (`supports`); `block_tables [seqs, max_blocks]` int32 with a
+        or bfloat16 (`can_decode`); `block_tables [seqs, max_blocks]` int32 with a
         contiguous last dim; `seq_ids`, `seq_lens`, `token_rows [n]` int64 contiguous.
         """
         num_blocks, block_size, num_kv_heads, head_size = key_cache.shape
@@ -76,15 +116,20 @@ class DecodeKernel:
             out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
             block_tables.data_ptr(), seq_ids.data_ptr(), seq_lens.data_ptr(),
             token_rows.data_ptr(), query.stride(0), query.stride(1), out.stride(0),
-            out.stride(1), block_tables.stride(0), len(seq_ids), query.shape[1], num_kv_heads,
-            head_size, block_size, scale)
+            out.stride(1), block_tables.stride(0), block_tables.shape[1], num_blocks,
+            len(seq_ids), query.shape[1],
+            num_kv_heads, head_size, block_size, scale)
         rc = self._lib.pagedllm_cpu_decode(ctypes.byref(args), DTYPE_CODES[key_cache.dtype],
                                            torch.get_num_threads())
+        if rc > 0:
+            seq = int(seq_ids[rc - 1])
+            raise ValueError(f"block_tables[{seq}] does not cover seq_len "
+                             f"{int(seq_lens[rc - 1])} with blocks of the cache's {num_blocks}")
         if rc != 0:
             raise RuntimeError(f"paged_decode.cpp returned {rc}")
 
     @staticmethod
-    def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+    def can_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  block_tables: torch.Tensor) -> bool:
         """Whether these operands have the dtypes and layouts the kernel reads."""
         return (key_cache.dtype in DTYPE_CODES and query.dtype == key_cache.dtype
@@ -127,8 +172,8 @@ def build(compiler: str) -> Path:
     return target
 
 
-def decode_kernel() -> Optional[DecodeKernel]:
-    """The built kernel, or None (logged once) where it cannot be built here."""
+def cpu_kernels() -> Optional[CpuKernels]:
+    """The built kernels, or None (logged once) where they cannot be built here."""
     global _loaded
     with _lock:
         if _loaded is None:
@@ -136,14 +181,14 @@ def decode_kernel() -> Optional[DecodeKernel]:
         return _loaded[0]
 
 
-def _load() -> Optional[DecodeKernel]:
+def _load() -> Optional[CpuKernels]:
     compiler = find_compiler()
     if compiler is None:
         logger.warning("no C++ compiler (g++/c++, or $CXX) found: CPU decode attention "
-                       "runs on the slower PyTorch path")
+                       "and cache writes run on the slower PyTorch paths")
         return None
     try:
-        return DecodeKernel(ctypes.CDLL(str(build(compiler))))
+        return CpuKernels(ctypes.CDLL(str(build(compiler))))
     except OSError as error:
-        logger.warning("CPU decode kernel not built, using the PyTorch path: %s", error)
+        logger.warning("CPU kernels not built, using the PyTorch paths: %s", error)
         return None

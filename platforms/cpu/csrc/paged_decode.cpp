@@ -1,5 +1,6 @@
 // Paged decode attention on the CPU: one new query token per sequence reads
-// its context straight from the block-paged cache, each K/V byte once.
+// its context straight from the block-paged cache, each K/V byte once; and
+// the cache write (reshape-and-cache) of the new tokens' K/V.
 //
 // Plain C++ (no torch headers) behind a C ABI, compiled with g++ -O3
 // -march=native -fopenmp by platforms/cpu/native.py and called through
@@ -30,7 +31,8 @@ struct DecodeArgs {
   const int64_t* token_rows;
   int64_t query_stride_token, query_stride_head;
   int64_t out_stride_token, out_stride_head;
-  int64_t block_table_stride;
+  int64_t block_table_stride, max_blocks;  // block_tables row stride and length
+  int64_t num_blocks;
   int num_seqs, num_heads, num_kv_heads, head_size, block_size;
   float scale;
 };
@@ -105,6 +107,18 @@ inline void store_row<uint16_t>(const float* src, float inv, uint16_t* dst, int 
 // One sequence, all its heads. HEAD > 0 fixes the head size at compile time
 // (vectorized loops of known trip count); HEAD == 0 reads it from the args.
 // scratch: [num_heads * seq_len] scores + [num_heads * head] q + acc + 2 rows.
+// Whether sequence i's block-table row covers its seq_len and every entry
+// it reads names a block of the pool.
+bool blocks_in_pool(const DecodeArgs& a, int i) {
+  const int32_t* blocks = a.block_tables + a.seq_ids[i] * a.block_table_stride;
+  const int64_t used = (a.seq_lens[i] + a.block_size - 1) / a.block_size;
+  if (used > a.max_blocks) return false;
+  for (int64_t b = 0; b < used; ++b) {
+    if (blocks[b] < 0 || blocks[b] >= a.num_blocks) return false;
+  }
+  return true;
+}
+
 template <typename T, int HEAD>
 void decode_sequence(const DecodeArgs& a, int i, std::vector<float>& scratch) {
   const int D = HEAD > 0 ? HEAD : a.head_size;
@@ -189,6 +203,14 @@ void decode_all(const DecodeArgs& a, int num_threads) {
   }
 }
 
+// The first sequence whose block table names a block outside the pool, or -1.
+int first_bad_sequence(const DecodeArgs& a) {
+  for (int i = 0; i < a.num_seqs; ++i) {
+    if (!blocks_in_pool(a, i)) return i;
+  }
+  return -1;
+}
+
 template <typename T>
 void dispatch_head(const DecodeArgs& a, int num_threads) {
   switch (a.head_size) {
@@ -198,20 +220,67 @@ void dispatch_head(const DecodeArgs& a, int num_threads) {
   }
 }
 
+struct WriteKvArgs {
+  void* key_cache;
+  void* value_cache;
+  const void* key;
+  const void* value;
+  const int64_t* slot_mapping;
+  int64_t key_stride_token, key_stride_head, value_stride_token, value_stride_head;
+  int64_t num_slots;
+  int num_tokens, num_kv_heads, head_size, element_size;
+};
+
+// Copies token t's rows [kv_heads][head_size] of key/value (strided views,
+// contiguous head dim) into cache slot slot_mapping[t]; slot -1 is skipped.
+// Returns -1, or the first token whose slot is outside [-1, num_slots)
+// (nothing is written then).
+int write_kv(const WriteKvArgs& a) {
+  for (int t = 0; t < a.num_tokens; ++t) {
+    if (a.slot_mapping[t] < -1 || a.slot_mapping[t] >= a.num_slots) return t;
+  }
+  const int64_t row_bytes = static_cast<int64_t>(a.head_size) * a.element_size;
+  const int64_t slot_bytes = a.num_kv_heads * row_bytes;
+  for (int t = 0; t < a.num_tokens; ++t) {
+    const int64_t slot = a.slot_mapping[t];
+    if (slot < 0) continue;
+    char* k_dst = static_cast<char*>(a.key_cache) + slot * slot_bytes;
+    char* v_dst = static_cast<char*>(a.value_cache) + slot * slot_bytes;
+    const char* k_src = static_cast<const char*>(a.key) + t * a.key_stride_token * a.element_size;
+    const char* v_src =
+        static_cast<const char*>(a.value) + t * a.value_stride_token * a.element_size;
+    for (int h = 0; h < a.num_kv_heads; ++h) {
+      std::memcpy(k_dst + h * row_bytes, k_src + h * a.key_stride_head * a.element_size,
+                  row_bytes);
+      std::memcpy(v_dst + h * row_bytes, v_src + h * a.value_stride_head * a.element_size,
+                  row_bytes);
+    }
+  }
+  return -1;
+}
+
 }  // namespace
 
 extern "C" {
 
+int pagedllm_cpu_write_kv_args_size() { return static_cast<int>(sizeof(WriteKvArgs)); }
+
+int pagedllm_cpu_write_kv(const WriteKvArgs* args) { return write_kv(*args); }
+
 int pagedllm_cpu_args_size() { return static_cast<int>(sizeof(DecodeArgs)); }
 
-// dtype: 0 float32, 1 bfloat16. Returns 0, or 1 for an unsupported dtype.
+// dtype: 0 float32, 1 bfloat16. Returns 0; -1 for an unsupported dtype;
+// 1 + i when sequence i's block table names a block outside the pool
+// (nothing is computed then).
 int pagedllm_cpu_decode(const DecodeArgs* args, int dtype, int num_threads) {
+  const int bad = first_bad_sequence(*args);
+  if (bad >= 0) return 1 + bad;
   if (dtype == 0) {
     dispatch_head<float>(*args, num_threads);
   } else if (dtype == 1) {
     dispatch_head<uint16_t>(*args, num_threads);
   } else {
-    return 1;
+    return -1;
   }
   return 0;
 }
