@@ -142,6 +142,29 @@ __device__ __forceinline__ int b_frag_row(int lane) { return (lane & 7) + (lane 
 __device__ __forceinline__ int b_frag_col(int lane) { return ((lane >> 3) & 1) * 8; }
 // ... and, with .trans, from row-major [k][n] storage (V rows): same as A.
 
+// O += P V for one warp. The float score tiles s[kN8][4] (m16n8 accumulators
+// over kN8 * 8 keys), two at a time, are exactly the A fragment of P for 16
+// keys; V is kN8 * 8 rows of kRow elements (padded row-major) in smem.
+template <typename T, int HEAD, int kN8, int kRow>
+__device__ __forceinline__ void accumulate_pv(const float (&s)[kN8][4], const T* v_smem,
+                                              int lane, float (&o)[HEAD / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kN8 / 2; ++kk) {
+    const uint32_t pa[4] = {Convert<T>::pack2(s[2 * kk][0], s[2 * kk][1]),
+                            Convert<T>::pack2(s[2 * kk][2], s[2 * kk][3]),
+                            Convert<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                            Convert<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < HEAD / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4<true>(b, v_smem + (kk * 16 + a_frag_row(lane)) * kRow + dp * 16 +
+                               a_frag_col(lane));
+      mma_16816<T>(o[2 * dp], pa, b[0], b[1]);
+      mma_16816<T>(o[2 * dp + 1], pa, b[2], b[3]);
+    }
+  }
+}
+
 // Merges the per-warp online-softmax states of one partition and writes the
 // result: `out` when there is one split, else the partial buffers. Warp
 // s * w.width + c holds stream s of the CTA's chunk c (kWarps / width streams;

@@ -178,22 +178,7 @@ __device__ __forceinline__ void attend_tile(const QueryOperand<T, S>& q, const T
     o[n][2] *= alpha[1];
     o[n][3] *= alpha[1];
   }
-#pragma unroll
-  for (int kk = 0; kk < kN8 / 2; ++kk) {
-    // Two score accumulators are exactly the A fragment of P (k = 16 tokens).
-    const uint32_t pa[4] = {Convert<T>::pack2(s[2 * kk][0], s[2 * kk][1]),
-                            Convert<T>::pack2(s[2 * kk][2], s[2 * kk][3]),
-                            Convert<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                            Convert<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-    for (int dp = 0; dp < HEAD / 16; ++dp) {
-      uint32_t b[4];
-      ldmatrix_x4<true>(b, v_smem + (kk * 16 + a_frag_row(lane)) * S::kRow + dp * 16 +
-                               a_frag_col(lane));
-      mma_16816<T>(o[2 * dp], pa, b[0], b[1]);
-      mma_16816<T>(o[2 * dp + 1], pa, b[2], b[3]);
-    }
-  }
+  accumulate_pv<T, HEAD, kN8, S::kRow>(s, v_smem, lane, o);
 }
 
 // One warp's pass over tiles stream, stream + streams, ... of [w.start,

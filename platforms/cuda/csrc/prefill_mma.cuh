@@ -119,27 +119,6 @@ __device__ __forceinline__ void softmax_update(float (&s)[8][4], float (&m)[2], 
 }
 
 template <typename T, int HEAD>
-__device__ __forceinline__ void accumulate_pv(const float (&s)[8][4], const T* v_smem, int lane,
-                                              float (&o)[HEAD / 8][4]) {
-  using S = PrefillShape<HEAD>;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    const uint32_t pa[4] = {Convert<T>::pack2(s[2 * kk][0], s[2 * kk][1]),
-                            Convert<T>::pack2(s[2 * kk][2], s[2 * kk][3]),
-                            Convert<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                            Convert<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-    for (int dp = 0; dp < HEAD / 16; ++dp) {
-      uint32_t b[4];
-      ldmatrix_x4<true>(b, v_smem + (kk * 16 + a_frag_row(lane)) * S::kRow + dp * 16 +
-                               a_frag_col(lane));
-      mma_16816<T>(o[2 * dp], pa, b[0], b[1]);
-      mma_16816<T>(o[2 * dp + 1], pa, b[2], b[3]);
-    }
-  }
-}
-
-template <typename T, int HEAD>
 __global__ void __launch_bounds__(PrefillShape<HEAD>::kThreads, PrefillShape<HEAD>::kMinBlocks)
     prefill_mma_kernel(AttentionParams p) {
   using S = PrefillShape<HEAD>;
@@ -213,7 +192,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD>::kThreads, PrefillShape<HEA
       load_kv_tile<T, HEAD>(p, ops.key_cache, k_smem, seq, (tile + 1) * S::kKeysN, kv_end, kv_head);
       cp_async_commit();
     }
-    accumulate_pv<T, HEAD>(s, v_smem, lane, o);
+    accumulate_pv<T, HEAD, 8, S::kRow>(s, v_smem, lane, o);
   }
 
 #pragma unroll
