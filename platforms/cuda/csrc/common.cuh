@@ -142,6 +142,19 @@ __device__ __forceinline__ int b_frag_row(int lane) { return (lane & 7) + (lane 
 __device__ __forceinline__ int b_frag_col(int lane) { return ((lane >> 3) & 1) * 8; }
 // ... and, with .trans, from row-major [k][n] storage (V rows): same as A.
 
+// Scales one warp's output accumulators by the online softmax's correction:
+// rows g (elements 0, 1) by alpha[0], rows g + 8 (elements 2, 3) by alpha[1].
+template <int HEAD>
+__device__ __forceinline__ void rescale_rows(float (&o)[HEAD / 8][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int n = 0; n < HEAD / 8; ++n) {
+    o[n][0] *= alpha[0];
+    o[n][1] *= alpha[0];
+    o[n][2] *= alpha[1];
+    o[n][3] *= alpha[1];
+  }
+}
+
 // O += P V for one warp. The float score tiles s[kN8][4] (m16n8 accumulators
 // over kN8 * 8 keys), two at a time, are exactly the A fragment of P for 16
 // keys; V is kN8 * 8 rows of kRow elements (padded row-major) in smem.

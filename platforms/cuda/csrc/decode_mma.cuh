@@ -171,13 +171,7 @@ __device__ __forceinline__ void attend_tile(const QueryOperand<T, S>& q, const T
       l[i >> 1] += s[nt][i];
     }
   }
-#pragma unroll
-  for (int n = 0; n < HEAD / 8; ++n) {
-    o[n][0] *= alpha[0];
-    o[n][1] *= alpha[0];
-    o[n][2] *= alpha[1];
-    o[n][3] *= alpha[1];
-  }
+  rescale_rows<HEAD>(o, alpha);
   accumulate_pv<T, HEAD, kN8, S::kRow>(s, v_smem, lane, o);
 }
 

@@ -179,13 +179,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD>::kThreads, PrefillShape<HEA
     float s[8][4], alpha[2];
     tile_scores<T, HEAD>(q_rows, q_frag, k_smem, lane, tile * S::kKeysN, row_pos, scale_log2, s);
     softmax_update(s, m, l, alpha);
-#pragma unroll
-    for (int n = 0; n < HEAD / 8; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
+    rescale_rows<HEAD>(o, alpha);
     cp_async_wait<0>();
     __syncthreads();  // V tile landed; every warp is done with this K
     if (tile + 1 < num_tiles) {
