@@ -24,8 +24,11 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def kernel() -> native.CpuKernels:
+    if native.find_compiler() is None:
+        pytest.skip("no C++ compiler (g++/c++ or $CXX) on this machine: the kernels "
+                    "cannot be built, and the fast backend runs its PyTorch paths")
     kernel = native.cpu_kernels()
-    assert kernel is not None, "g++ is on this machine: the kernel must build"
+    assert kernel is not None, "a compiler is here: the kernels must build"
     return kernel
 
 
@@ -84,7 +87,7 @@ def test_kernel_reads_strided_queries_and_writes_only_decode_rows(kernel):
     assert out[others].isnan().all()
 
 
-def test_second_build_loads_the_cached_library():
+def test_second_build_loads_the_cached_library(kernel):
     compiler = native.find_compiler()
     first = native.build(compiler)
     built_at = first.stat().st_mtime_ns
