@@ -32,6 +32,7 @@ import torch
 from engine.cuda_graphs import DecodeGraphs, capture_sizes
 from engine.input_buffers import InputBuffers
 from engine.model_runner import ModelRunner
+from engine.models.fused_forward import fused_llama_forward
 from engine.step_inputs import StepArrays, StepInputs, StepPlan, decode_steps_max_seq_len
 
 logger = logging.getLogger(__name__)
@@ -54,13 +55,13 @@ class GpuModelRunner(ModelRunner):
 
     def __init__(self, config, platform, attn_backend, model: torch.nn.Module):
         # Imported here: triton is needed only where this runner runs (CPU installs may lack it).
-        from engine.models.fused import fused_llama_forward
+        from engine.models import fused
 
         super().__init__(config, platform, attn_backend, model)
         max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         self.buffers = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs,
                                     max_blocks_per_seq, config.max_model_len, self.device)
-        self.forward_fn = fused_llama_forward(model, config.max_model_len) or model
+        self.forward_fn = fused_llama_forward(model, config.max_model_len, fused) or model
         self.graphs = None
 
     def initialize_kv_cache(self) -> int:

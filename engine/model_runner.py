@@ -30,6 +30,7 @@ from engine.distributed.parallel_state import get_tp_group
 from engine.distributed.step_channel import send_step
 from engine.logprobs import (PositionLogprobs, prompt_chunk_logprobs, prompt_chunks,
                              sampled_position_logprobs)
+from engine.models.fused_forward import fused_llama_forward
 from engine.sampler import Sampler, SamplingMetadata
 from engine.sampling_params import SamplingParams, SamplingType
 from engine.step_inputs import (StepArrays, StepInputs, StepPlan, advance_decode_inputs,
@@ -100,6 +101,11 @@ class ModelRunner:
         self.tp_group = get_tp_group()
         self.device = platform.torch_device(self.tp_group.local_rank)
         self.dtype = next(model.parameters()).dtype
+        # The platform's fused elementwise ops where it has them (the CPU's
+        # compiled ones in bfloat16); GpuModelRunner sets its own.
+        ops = platform.fused_ops(self.dtype)
+        fused = None if ops is None else fused_llama_forward(model, config.max_model_len, ops)
+        self.forward_fn = fused or model
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
@@ -162,7 +168,7 @@ class ModelRunner:
         inputs = dummy_step_inputs(self.config, self.device)
         caches = self._allocate(inputs.num_blocks_needed)
         with torch.inference_mode():
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, caches)
+            hidden = self.forward_fn(inputs.input_ids, inputs.positions, inputs.attn, caches)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
             num_rows = logits.shape[0]
             # Random sampling is the sampler's most memory-hungry path.
@@ -242,7 +248,8 @@ class ModelRunner:
         if plan.arrays is None:
             return []
         inputs = plan.arrays.pack(self.config.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
+        hidden = self.forward_fn(inputs.input_ids, inputs.positions, inputs.attn,
+                                 self.kv_caches)
         return [self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device)])
                 for rows in plan.logits_rows]
 
@@ -306,8 +313,8 @@ class ModelRunner:
         inputs = arrays.pack(self.config.block_size, self.device)
         inputs.attn = replace(inputs.attn, max_seq_len=decode_steps_max_seq_len(arrays))
         inputs.input_ids = inputs.input_ids.clone()
-        return inputs, lambda step: self.model(step.input_ids, step.positions, step.attn,
-                                               self.kv_caches)
+        return inputs, lambda step: self.forward_fn(step.input_ids, step.positions,
+                                                    step.attn, self.kv_caches)
 
     def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, requests: list,
                 sampling: dict[str, RequestSampling]) -> None:

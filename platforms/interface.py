@@ -29,7 +29,7 @@ h // (num_heads // num_kv_heads)).
 from __future__ import annotations
 
 import abc
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -99,6 +99,12 @@ class Platform(abc.ABC):
         if checkpoint_dtype in (torch.float16, torch.bfloat16):
             return checkpoint_dtype
         return torch.bfloat16
+
+    def fused_ops(self, dtype: torch.dtype) -> Optional[Any]:
+        """Fused elementwise ops (`rms_norm`, `silu_and_mul`, `rotary_`, as
+        engine.models.fused_forward describes) for models in `dtype`, or None:
+        then the model's plain layers run. GPUs' runners bring their own."""
+        return None
 
     @abc.abstractmethod
     def is_available(self) -> bool:

@@ -1,23 +1,32 @@
 """The compiled CPU kernels (platforms/cpu/native.py): built once, exact, optional.
 
 The conformance matrix (test_conformance_cpu.py) already runs the fast
-backend, whose float32/bfloat16 decode rows go to this kernel; here: the
-kernel on its own over threads and head sizes of both code paths (a fixed
-head size, and one read at run time), queries that are strided views, the
-build cache, and the PyTorch path a machine without a C++ compiler keeps.
+backend, whose float32/bfloat16 decode rows go to the decode kernel; here:
+that kernel on its own over threads and head sizes of both code paths (a
+fixed head size, and one read at run time), queries that are strided views,
+the cache write, bad slots and block ids, the build cache, the PyTorch path
+a machine without a C++ compiler keeps, and the fused elementwise ops of
+the bfloat16 CPU forward against the plain layers.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
 
 from ci.batches import build_batch, poisoned_caches
 from ci.conformance import compare, oracle_output
 from ci.matrix import DECODE, MIXED, Case
+from engine import LLM, SamplingParams
+from engine.models.fused_forward import FusedLlamaForward
+from engine.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from platforms.cpu import native
 from platforms.cpu.fast import FastCpuBackend
+from platforms.cpu.fused_ops import cpu_fused_ops
 from platforms.cpu.reference import write_kv_nhd
+from tiny_models import tiny_model_factory  # noqa: F401
 
 CPU = torch.device("cpu")
 
@@ -147,3 +156,59 @@ def test_write_kv_equals_the_reference_write(kernel, dtype):
     kernel.write_kv(key, value, *actual, slots)
     for a, e in zip(actual, expected):
         assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.nan_to_num(), e.nan_to_num())
+
+
+@pytest.fixture(scope="module")
+def fused_ops(kernel):
+    ops = cpu_fused_ops()
+    assert ops is not None
+    return ops
+
+
+def assert_close_to_plain(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """float32: rounding-level; bfloat16: at most one unit in the last place (the
+    fused ops sum and exponentiate in another order, then round where the plain ops do)."""
+    if expected.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    else:
+        ulp = expected.float().abs().clamp_min(1e-30) * 2.0 ** -7
+        assert bool(((actual.float() - expected.float()).abs() <= ulp).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_ops_round_where_the_plain_layers_do(fused_ops, dtype):
+    torch.manual_seed(4)
+    x, residual = (torch.randn(37, 576).to(dtype) for _ in range(2))
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(576).to(dtype)
+    summed = residual.clone()
+    out = fused_ops.rms_norm(x, norm.weight, norm.eps, summed)
+    assert torch.equal(summed, x + residual), "the residual add rounds once, as x + residual"
+    assert_close_to_plain(out, norm(x + residual))
+    assert_close_to_plain(fused_ops.rms_norm(x, norm.weight, norm.eps), norm(x))
+
+    gate_up = 4 * torch.randn(37, 2 * 300).to(dtype)
+    assert_close_to_plain(fused_ops.silu_and_mul(gate_up),
+                          F.silu(gate_up[:, :300]) * gate_up[:, 300:])
+
+    qkv = torch.randn(37, 15, 64).to(dtype)
+    query, key = qkv[:, :9], qkv[:, 9:12]
+    positions = torch.randint(0, 100, (37,))
+    cos, sin = RotaryEmbedding(LlamaConfig(), 64).cos_sin(torch.arange(128), dtype)
+    expected = [apply_rotary(t, cos[positions], sin[positions]) for t in (query, key)]
+    fused_ops.rotary_(query, key, positions, cos, sin)
+    assert_close_to_plain(query, expected[0])
+    assert_close_to_plain(key, expected[1])
+    assert torch.equal(qkv[:, 12:], qkv[:, 12:].clone()), "values untouched"
+
+
+@pytest.mark.parametrize("dtype,fused", [("bfloat16", True), ("float32", False)])
+def test_cpu_engine_runs_the_fused_forward_in_bfloat16_only(kernel, tiny_model_factory, dtype,
+                                                            fused):
+    """float32 keeps the plain layers: op for op as HF, for bit-equal float32 references."""
+    llm = LLM(str(tiny_model_factory("llama")), device="cpu", dtype=dtype, max_model_len=64)
+    runner = llm.llm_engine.model_runner
+    assert isinstance(runner.forward_fn, FusedLlamaForward) == fused
+    outputs = llm.generate(["hello world"], SamplingParams(max_tokens=4, ignore_eos=True),
+                           use_tqdm=False)
+    assert len(outputs[0].outputs[0].token_ids) == 4

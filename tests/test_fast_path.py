@@ -25,9 +25,12 @@ from engine.cuda_graphs import capture_sizes
 from engine.gpu_model_runner import GpuModelRunner
 from engine.model_runner import plain_greedy
 from engine.model_loader import load_model
-from engine.models.fused import FusedLlamaForward, rms_norm, rotary_, silu_and_mul
+from engine.models import fused
+from engine.models.fused import rms_norm, rotary_, silu_and_mul
+from engine.models.fused_forward import FusedLlamaForward
 from engine.models.layers import RMSNorm, apply_rotary
 from engine.step_inputs import pack_step_inputs
+from platforms.cpu.fused_ops import cpu_fused_ops
 from platforms.rocm.backend import TritonAttentionBackend
 from tiny_models import tiny_model_factory  # noqa: F401
 
@@ -75,8 +78,18 @@ def test_fused_rotary_rotates_strided_q_and_k_in_place(dtype):
     assert torch.equal(v, v_before)
 
 
+@pytest.mark.parametrize("ops_name", ["triton", "cpu"])
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_fused_llama_forward_gives_the_models_hidden_states(name, tiny_model_factory):
+def test_fused_llama_forward_gives_the_models_hidden_states(name, ops_name, tiny_model_factory):
+    """With the Triton ops (engine.models.fused) and, on CPU tensors, the CPU's compiled ones."""
+    if ops_name == "cpu":
+        if DEVICE.type != "cpu":
+            pytest.skip("the CPU's fused ops take CPU tensors; this run is on a GPU")
+        ops = cpu_fused_ops()  # float32 here; the engine uses them in bfloat16
+        if ops is None:
+            pytest.skip("no C++ compiler here: the CPU's fused ops cannot be built")
+    else:
+        ops = fused
     model, _ = load_model(str(tiny_model_factory(name)), torch.float32, DEVICE,
                           TritonAttentionBackend())
     num_new = np.array([7, 3, 12])
@@ -92,7 +105,7 @@ def test_fused_llama_forward_gives_the_models_hidden_states(name, tiny_model_fac
         with torch.inference_mode():
             return forward(inputs.input_ids, inputs.positions, inputs.attn, caches)
 
-    torch.testing.assert_close(hidden(FusedLlamaForward(model, 64)), hidden(model),
+    torch.testing.assert_close(hidden(FusedLlamaForward(model, 64, ops)), hidden(model),
                                rtol=1e-5, atol=1e-5)
 
 

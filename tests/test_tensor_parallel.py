@@ -84,9 +84,10 @@ def _schedule_logits(model_dir: Path, seed: int, fused: bool = False) -> list[to
     model, hf_config = load_model(str(model_dir), torch.float32, "cpu", REFERENCE)
     if fused:
         # Imported here: triton is needed only by the fused tests.
-        from engine.models.fused import FusedLlamaForward
+        from engine.models import fused
+        from engine.models.fused_forward import FusedLlamaForward
 
-        model.forward = FusedLlamaForward(model, hf_config.max_position_embeddings)
+        model.forward = FusedLlamaForward(model, hf_config.max_position_embeddings, fused)
     return run_schedule(model, random_sequences(hf_config.vocab_size, seed), seed)
 
 

@@ -16,26 +16,18 @@ does (the add, the normalized value before the weight, the SiLU before the
 product, each product of the rotary), so in float32 both paths agree to
 rounding and in bfloat16 they differ only in reduction order.
 
-`fused_llama_forward(model, max_positions)` is `LlamaForCausalLM.forward`
-built from these kernels and the model's own projection modules, or None for
-models it does not cover (non-LLaMA, non-SiLU MLPs). Under tensor
-parallelism the modules are the rank's shards: the kernels see the rank's
-heads and intermediate slice, and the parallel layers (vocabulary-parallel
-embedding, row-parallel o_proj and down_proj) do their own all-reduces.
+`engine.models.fused_forward` builds `LlamaForCausalLM.forward` from these
+three (this module is its `ops` on GPUs; platforms/cpu/fused_ops.py gives
+the CPU's).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-
-from engine.attention_metadata import AttentionMetadata
-from engine.models.llama import LlamaForCausalLM
-
-ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, list], torch.Tensor]
 
 
 @triton.jit
@@ -151,52 +143,3 @@ def rotary_(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
         HEADS_PAD=triton.next_power_of_2(num_heads),
         KV_HEADS_PAD=triton.next_power_of_2(key.shape[1]), HALF=half,
         HALF_PAD=triton.next_power_of_2(half))
-
-
-class FusedLlamaForward:
-    """`LlamaForCausalLM.forward` with the fused kernels; the weights stay the model's.
-
-    Same signature and result: `(input_ids [T], positions [T], attn, kv_caches) ->
-    hidden [T, hidden_size]` with the final norm applied. The rotary tables
-    `cos/sin [max_positions, head_size]` are the model's own values, computed once.
-    """
-
-    def __init__(self, model: LlamaForCausalLM, max_positions: int):
-        self.model = model
-        device = model.model.embed_tokens.weight.device
-        dtype = model.model.embed_tokens.weight.dtype
-        self.cos, self.sin = model.rotary.cos_sin(
-            torch.arange(max_positions, device=device), dtype)
-
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 attn: AttentionMetadata, kv_caches: list) -> torch.Tensor:
-        model = self.model
-        model.check_kv_caches(kv_caches)
-        residual = model.model.embed_tokens(input_ids)
-        hidden = None
-        for layer, kv_cache in zip(model.model.layers, kv_caches):
-            norm = layer.input_layernorm
-            x = rms_norm(residual if hidden is None else hidden, norm.weight, norm.eps,
-                         None if hidden is None else residual)
-            hidden = self._attention(layer.self_attn, x, positions, kv_cache, attn)
-            norm = layer.post_attention_layernorm
-            x = rms_norm(hidden, norm.weight, norm.eps, residual)
-            mlp = layer.mlp
-            hidden = mlp.down_proj(silu_and_mul(mlp.gate_up_proj(x)))
-        norm = model.model.norm
-        return rms_norm(hidden, norm.weight, norm.eps, residual)
-
-    def _attention(self, attention, x: torch.Tensor, positions: torch.Tensor,
-                   kv_cache, attn: AttentionMetadata) -> torch.Tensor:
-        q, k, v = attention.qkv(x)
-        rotary_(q, k, positions, self.cos, self.sin)
-        return attention.o_proj(attention.attn(q, k, v, kv_cache, attn))
-
-
-def fused_llama_forward(model: torch.nn.Module, max_positions: int) -> Optional[ForwardFn]:
-    """A FusedLlamaForward for `model`, or None where the plain forward must run."""
-    if not isinstance(model, LlamaForCausalLM):
-        return None
-    if getattr(model.config, "hidden_act", None) != "silu":
-        return None
-    return FusedLlamaForward(model, max_positions)

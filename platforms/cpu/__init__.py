@@ -38,6 +38,18 @@ class CpuPlatform(Platform):
         """
         return torch.bfloat16 if has_native_bf16() else torch.float32
 
+    def fused_ops(self, dtype: torch.dtype):
+        """The compiled ops (platforms/cpu/fused_ops.py) for bfloat16 models.
+
+        Float32 models keep the plain layers, op for op as transformers runs
+        them, so float32 outputs equal a float32 HF reference bit for bit;
+        in bfloat16 the fused ops round where those layers do.
+        """
+        if dtype != torch.bfloat16:
+            return None
+        from platforms.cpu.fused_ops import cpu_fused_ops
+        return cpu_fused_ops()
+
     def memory_info(self) -> tuple[int, int]:
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         free = os.sysconf("SC_AVPHYS_PAGES") * page_size

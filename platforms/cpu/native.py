@@ -1,13 +1,14 @@
-"""The CPU's compiled kernels (csrc/paged_decode.cpp: decode attention and the
-cache write), built on first use.
+"""The CPU's compiled kernels, built on first use: decode attention and the
+cache write (csrc/paged_decode.cpp, here) and the fused elementwise ops of
+the model (csrc/fused_ops.cpp, platforms/cpu/fused_ops.py).
 
-The source has no torch headers, so g++ builds it in about a second into
-`$XDG_CACHE_HOME/pagedllm/cpu-ext/<hash>/` (default `~/.cache/...`); the
-hash covers the source, the compiler and this CPU's `-march=native`
-target, so a second start loads the cached library. It is called through
-ctypes with the tensors' data pointers. Where no C++ compiler is found (or
-the build fails) `cpu_kernels()` returns None, says why once in the log,
-and the fast backend keeps its PyTorch paths.
+The sources have no torch headers, so g++ builds them in about two seconds
+into `$XDG_CACHE_HOME/pagedllm/cpu-ext/<hash>/` (default `~/.cache/...`);
+the hash covers the sources, the compiler and this CPU's model and flags
+(`-march=native`), so a second start loads the cached library. It is called
+through ctypes with the tensors' data pointers. Where no C++ compiler is
+found (or the build fails) `library()` and `cpu_kernels()` return None, the
+log says why once, and the callers keep their PyTorch paths.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_decode.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
 # Reassociation lets the dot products and sums vectorize; not -ffast-math,
 # whose finite-math assumption would drop NaN checks and whose g++ 12 link
 # step sets flush-to-zero for the whole process.
@@ -36,7 +37,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fassociativ
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
-_loaded: Optional[tuple[Optional["CpuKernels"]]] = None
+_loaded: Optional[tuple[Optional[ctypes.CDLL]]] = None
+_kernels: Optional["CpuKernels"] = None
 
 
 class DecodeArgs(ctypes.Structure):
@@ -69,7 +71,7 @@ class CpuKernels:
     """The loaded library: `decode(...)` and `write_kv(...)`."""
 
     def __init__(self, library: ctypes.CDLL):
-        self._lib = library
+        self.library = library
         if (library.pagedllm_cpu_args_size() != ctypes.sizeof(DecodeArgs)
                 or library.pagedllm_cpu_write_kv_args_size() != ctypes.sizeof(WriteKvArgs)):
             raise OSError("argument structs differ between paged_decode.cpp and native.py")
@@ -84,7 +86,7 @@ class CpuKernels:
             slot_mapping.data_ptr(), key.stride(0), key.stride(1), value.stride(0),
             value.stride(1), key_cache.shape[0] * key_cache.shape[1], key.shape[0],
             key.shape[1], key.shape[2], key.element_size())
-        bad = self._lib.pagedllm_cpu_write_kv(ctypes.byref(args))
+        bad = self.library.pagedllm_cpu_write_kv(ctypes.byref(args))
         if bad >= 0:
             raise ValueError(f"slot_mapping[{bad}] = {int(slot_mapping[bad])} is outside the "
                              f"cache's {args.num_slots} slots (or -1 to skip)")
@@ -119,7 +121,7 @@ class CpuKernels:
             out.stride(1), block_tables.stride(0), block_tables.shape[1], num_blocks,
             len(seq_ids), query.shape[1],
             num_kv_heads, head_size, block_size, scale)
-        rc = self._lib.pagedllm_cpu_decode(ctypes.byref(args), DTYPE_CODES[key_cache.dtype],
+        rc = self.library.pagedllm_cpu_decode(ctypes.byref(args), DTYPE_CODES[key_cache.dtype],
                                            torch.get_num_threads())
         if rc > 0:
             seq = int(seq_ids[rc - 1])
@@ -142,12 +144,29 @@ def find_compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def sources() -> list[Path]:
+    return sorted(CSRC.glob("*.cpp"))
+
+
+def cpu_identity() -> bytes:
+    """The CPU's model and feature flags: what `-march=native` compiles for."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return b""
+    lines = cpuinfo.read_text().splitlines()
+    return "\n".join(sorted({line for line in lines
+                              if line.startswith(("model name", "flags"))})).encode()
+
+
 def build_hash(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     digest.update(version.encode())
-    digest.update(Path("/proc/cpuinfo").read_bytes() if Path("/proc/cpuinfo").exists() else b"")
+    digest.update(cpu_identity())
     return digest.hexdigest()[:16]
 
 
@@ -157,14 +176,14 @@ def cache_root() -> Path:
 
 
 def build(compiler: str) -> Path:
-    """Compile the kernel (or find it cached) -> the shared library's path."""
+    """Compile the kernels (or find them cached) -> the shared library's path."""
     target = cache_root() / build_hash(compiler) / "libpagedllm_cpu.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)],
+        result = subprocess.run([compiler, *FLAGS, *map(str, sources()), "-o", str(partial)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise OSError(f"{compiler} failed:\n{result.stderr[-2000:]}")
@@ -172,8 +191,8 @@ def build(compiler: str) -> Path:
     return target
 
 
-def cpu_kernels() -> Optional[CpuKernels]:
-    """The built kernels, or None (logged once) where they cannot be built here."""
+def library() -> Optional[ctypes.CDLL]:
+    """The built library, or None (logged once) where it cannot be built here."""
     global _loaded
     with _lock:
         if _loaded is None:
@@ -181,14 +200,25 @@ def cpu_kernels() -> Optional[CpuKernels]:
         return _loaded[0]
 
 
-def _load() -> Optional[CpuKernels]:
+def cpu_kernels() -> Optional[CpuKernels]:
+    """The attention kernels of `library()`, or None without it."""
+    global _kernels
+    lib = library()
+    if lib is None:
+        return None
+    if _kernels is None or _kernels.library is not lib:
+        _kernels = CpuKernels(lib)
+    return _kernels
+
+
+def _load() -> Optional[ctypes.CDLL]:
     compiler = find_compiler()
     if compiler is None:
-        logger.warning("no C++ compiler (g++/c++, or $CXX) found: CPU decode attention "
-                       "and cache writes run on the slower PyTorch paths")
+        logger.warning("no C++ compiler (g++/c++, or $CXX) found: CPU decode attention, "
+                       "cache writes and fused model ops run on the slower PyTorch paths")
         return None
     try:
-        return CpuKernels(ctypes.CDLL(str(build(compiler))))
+        return ctypes.CDLL(str(build(compiler)))
     except OSError as error:
         logger.warning("CPU kernels not built, using the PyTorch paths: %s", error)
         return None

@@ -18,6 +18,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_math.h"
+
 namespace {
 
 struct DecodeArgs {
@@ -37,46 +39,6 @@ struct DecodeArgs {
   float scale;
 };
 
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if (std::isnan(f)) return 0x7FC0;
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-// e^x for the softmax's x <= 0, Cephes' expf scheme: x = n ln2 + r with
-// |r| <= ln2 / 2 (ln2 split in two for an exact product), a degree-7
-// polynomial for e^r and the exponent bits for 2^n. Arithmetic only, so its
-// loop vectorizes (std::exp is a scalar call without -ffast-math, which g++
-// 12 would also let set flush-to-zero for the whole process). Relative error
-// < 1e-7 down to x = -69; below that, 2^-100 stands for 0, large enough that
-// weight * value stays a normal float (denormals are slow).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -69.f);
-  const float n = std::floor(x * 1.44269504f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r -= n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 template <typename T>
 inline void load_row(const T* src, float* dst, int n);
 
@@ -88,7 +50,7 @@ inline void load_row<float>(const float* src, float* dst, int n) {
 template <>
 inline void load_row<uint16_t>(const uint16_t* src, float* dst, int n) {
 #pragma omp simd
-  for (int d = 0; d < n; ++d) dst[d] = bf16_to_float(src[d]);
+  for (int d = 0; d < n; ++d) dst[d] = to_float(src[d]);
 }
 
 template <typename T>
@@ -101,7 +63,7 @@ inline void store_row<float>(const float* src, float inv, float* dst, int n) {
 
 template <>
 inline void store_row<uint16_t>(const float* src, float inv, uint16_t* dst, int n) {
-  for (int d = 0; d < n; ++d) dst[d] = float_to_bf16(src[d] * inv);
+  for (int d = 0; d < n; ++d) dst[d] = from_float<uint16_t>(src[d] * inv);
 }
 
 // One sequence, all its heads. HEAD > 0 fixes the head size at compile time
@@ -168,7 +130,9 @@ void decode_sequence(const DecodeArgs& a, int i, std::vector<float>& scratch) {
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int t = 0; t < L; ++t) {
-      s[t] = exp_nonpositive(s[t] - m);
+      // Below e^-69 a weight is 0 for the sum; the floor keeps weight * value
+      // products normal floats (denormals are slow).
+      s[t] = fast_exp(std::max(s[t] - m, -69.f));
       sum += s[t];
     }
     inv_sum[h] = 1.f / sum;
