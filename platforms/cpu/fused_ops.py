@@ -61,6 +61,8 @@ class CpuFusedOps:
         tokens, heads, head_size = query.shape
         _check(query, key, cos, sin)
         positions = positions.to(torch.int64).contiguous()
+        if tokens and not 0 <= int(positions.min()) <= int(positions.max()) < cos.shape[0]:
+            raise ValueError(f"positions must lie in [0, {cos.shape[0]}), the rotary table's rows")
         if cos.stride() != sin.stride() or cos.stride(-1) != 1:
             raise ValueError("cos and sin must be equally strided tables, rows contiguous")
         self._lib.pagedllm_cpu_rotary(

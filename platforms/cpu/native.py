@@ -94,6 +94,7 @@ class CpuKernels:
     @staticmethod
     def can_write(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+        """Whether these operands have the dtypes and layouts `write_kv` copies."""
         return (key.dtype == value.dtype == key_cache.dtype == value_cache.dtype
                 and key.dim() == 3 and key.shape == value.shape
                 and key.shape[1:] == key_cache.shape[2:]
@@ -119,10 +120,9 @@ class CpuKernels:
             block_tables.data_ptr(), seq_ids.data_ptr(), seq_lens.data_ptr(),
             token_rows.data_ptr(), query.stride(0), query.stride(1), out.stride(0),
             out.stride(1), block_tables.stride(0), block_tables.shape[1], num_blocks,
-            len(seq_ids), query.shape[1],
-            num_kv_heads, head_size, block_size, scale)
+            len(seq_ids), query.shape[1], num_kv_heads, head_size, block_size, scale)
         rc = self.library.pagedllm_cpu_decode(ctypes.byref(args), DTYPE_CODES[key_cache.dtype],
-                                           torch.get_num_threads())
+                                              torch.get_num_threads())
         if rc > 0:
             seq = int(seq_ids[rc - 1])
             raise ValueError(f"block_tables[{seq}] does not cover seq_len "
@@ -132,7 +132,7 @@ class CpuKernels:
 
     @staticmethod
     def can_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                 block_tables: torch.Tensor) -> bool:
+                   block_tables: torch.Tensor) -> bool:
         """Whether these operands have the dtypes and layouts the kernel reads."""
         return (key_cache.dtype in DTYPE_CODES and query.dtype == key_cache.dtype
                 and value_cache.dtype == key_cache.dtype and key_cache.is_contiguous()
