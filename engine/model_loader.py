@@ -115,6 +115,14 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     logger.info("converted %s in %.1f s", gguf.name, time.perf_counter() - start)
 
 
+def _check_loadable(dtype: Any) -> torch.dtype:
+    """`dtype` itself when it is a torch dtype the models load in, else a ValueError."""
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(_DTYPES)} "
+                         "(resolve_dtype turns these names into torch dtypes)")
+    return dtype
+
+
 def resolve_dtype(dtype: Union[str, torch.dtype], hf_config: Any,
                   platform: Platform) -> torch.dtype:
     """The dtype to load in: `dtype`, or for "auto" the platform's choice.
@@ -124,9 +132,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype], hf_config: Any,
     checkpoint; on CPUs bfloat16 only where it is native, else float32.
     """
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported; use one of {list(_DTYPES)}")
-        return dtype
+        return _check_loadable(dtype)
     if dtype == "auto":
         config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         return platform.auto_dtype(_DTYPES.get(config_dtype, config_dtype))
@@ -154,9 +160,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: Union[str, torch.devi
     hf_config = AutoConfig.from_pretrained(model_dir)
     model_class = get_model_class(hf_config)
     device = torch.device(device)
-    if dtype not in _DTYPES.values():
-        raise ValueError(f"dtype {dtype!r} is not supported; pass one of "
-                         f"{list(_DTYPES.values())} (resolve_dtype turns names into these)")
+    _check_loadable(dtype)
     with _default_dtype(dtype), torch.device("meta"):
         model = model_class(hf_config, attn_backend)
     model = model.to_empty(device=device)

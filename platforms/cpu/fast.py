@@ -31,6 +31,7 @@ step (`_StepMemo`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -164,8 +165,13 @@ class FastCpuBackend(AttentionBackend):
     def __init__(self) -> None:
         self._memo = _StepMemo()
 
+    @functools.cached_property
+    def _kernels(self) -> Optional[native.CpuKernels]:
+        """The compiled kernels, looked up (and built) once, on first use."""
+        return native.cpu_kernels()
+
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping) -> None:
-        kernels = native.cpu_kernels()
+        kernels = self._kernels
         if kernels is not None and kernels.can_write(key, value, key_cache, value_cache,
                                                      slot_mapping):
             kernels.write_kv(key, value, key_cache, value_cache, slot_mapping)
@@ -186,11 +192,12 @@ class FastCpuBackend(AttentionBackend):
     def _decode(self, query, key_cache, value_cache, block_tables, group: _Group,
                 scale: float, out: torch.Tensor) -> None:
         """One new token per sequence: `[seqs, kv_heads, group, head] @ K^T`, softmax, `@ V`."""
-        kernels = native.cpu_kernels()
+        kernels = self._kernels
         if kernels is not None and kernels.can_decode(query, key_cache, value_cache,
                                                       block_tables):
+            # One token per sequence: used_tokens are the group's query rows, in order.
             kernels.decode(query, key_cache, value_cache, block_tables, group.seq_ids,
-                          group.seq_lens, group.token_ids[:, 0].contiguous(), scale, out)
+                           group.seq_lens, group.used_tokens, scale, out)
             return
         keys = self._gather_context(key_cache, block_tables, group.seq_ids, group.seq_lens,
                                     group.max_seq_len, torch.float32)

@@ -28,7 +28,8 @@ class CpuFusedOps:
                                                   _I64, _FLOAT, _INT, _INT]
         library.pagedllm_cpu_silu_and_mul.argtypes = [_PTR, _PTR, _I64, _INT, _I64, _INT, _INT]
         library.pagedllm_cpu_rotary.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _INT, _INT,
-                                                _INT, _I64, _I64, _I64, _I64, _I64, _INT, _INT]
+                                                _INT, _I64, _I64, _I64, _I64, _I64, _I64, _INT,
+                                                _INT]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -61,15 +62,16 @@ class CpuFusedOps:
         tokens, heads, head_size = query.shape
         _check(query, key, cos, sin)
         positions = positions.to(torch.int64).contiguous()
-        if tokens and not 0 <= int(positions.min()) <= int(positions.max()) < cos.shape[0]:
-            raise ValueError(f"positions must lie in [0, {cos.shape[0]}), the rotary table's rows")
         if cos.stride() != sin.stride() or cos.stride(-1) != 1:
             raise ValueError("cos and sin must be equally strided tables, rows contiguous")
-        self._lib.pagedllm_cpu_rotary(
+        bad = self._lib.pagedllm_cpu_rotary(
             query.data_ptr(), key.data_ptr(), positions.data_ptr(), cos.data_ptr(),
             sin.data_ptr(), tokens, heads, key.shape[1], head_size, query.stride(0),
-            query.stride(1), key.stride(0), key.stride(1), cos.stride(0),
+            query.stride(1), key.stride(0), key.stride(1), cos.stride(0), cos.shape[0],
             native.DTYPE_CODES[query.dtype], torch.get_num_threads())
+        if bad > 0:
+            raise ValueError(f"positions[{bad - 1}] = {int(positions[bad - 1])} is outside "
+                             f"[0, {cos.shape[0]}), the rotary table's rows")
 
 
 def _check(*tensors: torch.Tensor) -> None:

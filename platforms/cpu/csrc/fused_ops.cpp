@@ -144,11 +144,16 @@ int pagedllm_cpu_silu_and_mul(void* out, const void* gate_up, int64_t rows, int 
   return 0;
 }
 
+// Returns 0; -1 for an unsupported dtype; 1 + t when positions[t] is outside
+// [0, table_rows) (nothing is rotated then).
 int pagedllm_cpu_rotary(void* q, void* k, const int64_t* positions, const void* cos,
                         const void* sin, int64_t tokens, int heads, int kv_heads,
                         int head_size, int64_t q_stride_token, int64_t q_stride_head,
                         int64_t k_stride_token, int64_t k_stride_head, int64_t table_stride,
-                        int dtype, int num_threads) {
+                        int64_t table_rows, int dtype, int num_threads) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (positions[t] < 0 || positions[t] >= table_rows) return static_cast<int>(1 + t);
+  }
   if (dtype == 0) {
     rotary(static_cast<float*>(q), static_cast<float*>(k), positions,
            static_cast<const float*>(cos), static_cast<const float*>(sin), tokens, heads,
